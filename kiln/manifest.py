@@ -1,0 +1,75 @@
+"""The artifact manifest, `<key>/manifest.json`: what was compiled, from what, for what.
+
+Shared layer (no torch). kiln-compile writes it; kiln-serve reads it and refuses an
+artifact built for another torch version or GPU; the operator reads sizes from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+PACKAGE_NAME = "model.pt2"
+# The compiled library extracted from the package, loaded without inductor (see loader).
+RUNNER_DIR = "runner"
+MANIFEST_SCHEMA = 1
+
+
+class TensorSpec(BaseModel):
+    """One named input or output; -1 marks the dynamic batch dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: Annotated[str, Field(description="Open Inference Protocol datatype, e.g. FP32.")]
+    shape: list[int]
+
+
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Validation(BaseModel):
+    """How the compiled artifact compared with the exported program."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_sizes: list[int]
+    max_abs_error: float
+    max_rel_error: float
+    loader: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA
+    key: str
+    inputs: dict[str, Any]
+    torch_version: str
+    device: Literal["cpu", "cuda"]
+    device_name: str | None = None
+    device_capability: str | None = None
+    signature: Signature
+    batch_min: int
+    batch_max: int
+    package_file: str = PACKAGE_NAME
+    package_bytes: int
+    package_sha256: str
+    runner_so: str | None = None
+    runner_so_sha256: str | None = None
+    compile_seconds: float
+    validation: Validation | None = None
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        return cls.model_validate_json((folder / MANIFEST_NAME).read_text())
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST_NAME).write_text(self.model_dump_json(indent=2) + "\n")

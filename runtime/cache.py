@@ -1,0 +1,41 @@
+"""The artifact cache: `<cache>/<key>/` folders published whole by rename.
+
+Compile path (no torch). A compile builds in a private staging folder beside the
+final one and renames it into place, so a reader never sees half an artifact and
+two compiles of the same key never write into the same folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from kiln.manifest import MANIFEST_NAME
+
+
+def artifact_dir(cache: Path, key: str) -> Path:
+    return cache / key
+
+
+def is_published(cache: Path, key: str) -> bool:
+    return (artifact_dir(cache, key) / MANIFEST_NAME).is_file()
+
+
+def staging_dir(cache: Path, key: str) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=cache))
+
+
+def publish(staging: Path, cache: Path, key: str) -> bool:
+    """Rename the staging folder to the key; False when another compile published first."""
+    final = artifact_dir(cache, key)
+    staging.chmod(0o755)  # mkdtemp makes it private; serving pods run as another user
+    try:
+        staging.rename(final)
+        return True
+    except OSError:
+        if not is_published(cache, key):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False

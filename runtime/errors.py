@@ -1,0 +1,63 @@
+"""Domain errors of the runtime, each carrying a one-line reason a user can act on.
+
+Compile errors end kiln-compile with that line on stderr and in the termination
+log; serve errors are mapped to HTTP codes in one place (server.py).
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base: str(error) is the one-line reason shown to users."""
+
+    reason = "Error"
+
+
+class FetchError(KilnError):
+    reason = "FetchFailed"
+
+
+class DigestMismatch(KilnError):
+    reason = "DigestMismatch"
+
+
+class ArchiveError(KilnError):
+    reason = "InvalidArchive"
+
+
+class ExportError(KilnError):
+    reason = "ExportFailed"
+
+
+class CompileError(KilnError):
+    reason = "CompileFailed"
+
+
+class ValidationError(KilnError):
+    reason = "ValidationFailed"
+
+
+class ArtifactMismatch(KilnError):
+    """The artifact was built for another torch version or device."""
+
+    reason = "ArtifactMismatch"
+
+
+class InvalidInput(KilnError):
+    """A request that does not match the model's signature (HTTP 400)."""
+
+    reason = "InvalidInput"
+
+
+class ModelNotFound(KilnError):
+    reason = "ModelNotFound"
+
+
+class NotReady(KilnError):
+    reason = "NotReady"
+
+
+class Overloaded(KilnError):
+    """The request queue is full (HTTP 503 with Retry-After)."""
+
+    reason = "Overloaded"

@@ -1,0 +1,103 @@
+"""ExportedProgram handling: load an archive, make the batch dimension dynamic, read its signature.
+
+Compile path (torch). Archives are loaded with torch.export.load, which reads
+weights without unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from kiln.manifest import Signature, TensorSpec
+from kiln.runtime.errors import ArchiveError, ExportError
+from kiln.runtime.tensors import DATATYPES, datatype_of
+
+log = logging.getLogger(__name__)
+
+
+def load_exported(path: Path) -> ExportedProgram:
+    """Load a file written by torch.export.save, or say why it is not one."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises many types for a foreign file
+        raise ArchiveError(
+            f"archive is not an ExportedProgram written by torch.export.save: {exc.__class__.__name__}: {exc}"
+        ) from exc
+    if not isinstance(program, ExportedProgram):
+        raise ArchiveError(f"archive holds a {type(program).__name__}, not an ExportedProgram")
+    return program
+
+
+def _user_placeholders(program: ExportedProgram) -> list[torch.fx.Node]:
+    names = set(program.graph_signature.user_inputs)
+    return [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+
+
+def _spec(name: str, value: object, batched: bool) -> TensorSpec:
+    if not isinstance(value, torch.Tensor):
+        raise ExportError(f"{name!r} is not a tensor ({type(value).__name__}); Kiln serves tensor inputs and outputs")
+    shape = [d if isinstance(d, int) else -1 for d in value.shape]
+    if batched and shape:
+        shape[0] = -1
+    return TensorSpec(name=name, datatype=datatype_of(value.dtype), shape=shape)
+
+
+def signature_of(program: ExportedProgram) -> Signature:
+    """Named inputs (placeholder names) and outputs (output0, output1, ...), batch dim as -1."""
+    inputs = [_spec(n.name, n.meta.get("val"), batched=True) for n in _user_placeholders(program)]
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in output_node.args[0]]
+    user_outputs = values[-len(program.graph_signature.user_outputs):] if values else []
+    outputs = [_spec(f"output{i}", v, batched=True) for i, v in enumerate(user_outputs)]
+    if not inputs:
+        raise ExportError("the exported program has no tensor inputs")
+    return Signature(inputs=inputs, outputs=outputs)
+
+
+def has_dynamic_batch(program: ExportedProgram) -> bool:
+    """True when dimension 0 of every input is symbolic already."""
+    values = [n.meta.get("val") for n in _user_placeholders(program)]
+    return all(isinstance(v, torch.Tensor) and v.dim() > 0 and not isinstance(v.shape[0], int) for v in values)
+
+
+def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs matching the signature at a batch size."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in signature.inputs:
+        shape = [batch, *spec.shape[1:]]
+        dtype = DATATYPES[spec.datatype][0]
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            t = torch.randint(0, 100, shape, generator=gen).to(dtype)
+        out.append(t.to(device))
+    return out
+
+
+def with_dynamic_batch(program: ExportedProgram, batch_min: int, batch_max: int, device: str) -> ExportedProgram:
+    """Re-export so that dimension 0 of every input ranges over [batch_min, batch_max]."""
+    signature = signature_of(program)
+    module = program.module().to(device)
+    # torch.export specialises sizes 0 and 1, so trace with at least 2 rows.
+    trace_batch = min(max(2, batch_min), batch_max)
+    args = tuple(example_inputs(signature, trace_batch, device))
+    if batch_max > 1:
+        batch = Dim("batch", min=batch_min, max=batch_max)
+        dynamic: tuple[dict[int, Dim], ...] | None = tuple({0: batch} for _ in args)
+    else:
+        dynamic = None
+    try:
+        return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ExportError(
+            f"cannot make the batch dimension dynamic in [{batch_min}, {batch_max}]: {first} "
+            "(export the model with dynamic_shapes marking dim 0 as torch.export.Dim('batch'))"
+        ) from exc

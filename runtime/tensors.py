@@ -1,0 +1,82 @@
+"""Tensors on the wire: Open Inference Protocol datatypes, JSON data and binary data.
+
+Runtime layer 2 (after protocol): converts between wire tensors and torch tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.runtime.errors import InvalidInput
+from kiln.runtime.protocol import RequestInput, ResponseOutput
+
+# v2 datatype → (torch dtype, numpy dtype used for bytes on the wire).
+DATATYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "BOOL": (torch.bool, np.dtype(np.bool_)),
+    "UINT8": (torch.uint8, np.dtype(np.uint8)),
+    "INT8": (torch.int8, np.dtype(np.int8)),
+    "INT16": (torch.int16, np.dtype(np.int16)),
+    "INT32": (torch.int32, np.dtype(np.int32)),
+    "INT64": (torch.int64, np.dtype(np.int64)),
+    "FP16": (torch.float16, np.dtype(np.float16)),
+    "FP32": (torch.float32, np.dtype(np.float32)),
+    "FP64": (torch.float64, np.dtype(np.float64)),
+}
+BY_TORCH: dict[torch.dtype, str] = {t: name for name, (t, _) in DATATYPES.items()}
+
+
+def datatype_of(dtype: torch.dtype) -> str:
+    try:
+        return BY_TORCH[dtype]
+    except KeyError as exc:
+        raise ValueError(f"dtype {dtype} has no Open Inference Protocol datatype") from exc
+
+
+def _flatten(data: object) -> list[object]:
+    if isinstance(data, list):
+        out: list[object] = []
+        for item in data:
+            out.extend(_flatten(item))
+        return out
+    return [data]
+
+
+def from_rest(inp: RequestInput, binary: bytes | None) -> torch.Tensor:
+    """A request tensor as torch, from JSON `data` or from its binary slice."""
+    if inp.datatype not in DATATYPES:
+        raise InvalidInput(f"input {inp.name!r}: unknown datatype {inp.datatype!r}; expected one of {sorted(DATATYPES)}")
+    _, np_dtype = DATATYPES[inp.datatype]
+    count = int(np.prod(inp.shape)) if inp.shape else 1
+    if binary is not None:
+        if len(binary) != count * np_dtype.itemsize:
+            raise InvalidInput(
+                f"input {inp.name!r}: {len(binary)} bytes of binary data, expected "
+                f"{count * np_dtype.itemsize} for shape {inp.shape} {inp.datatype}"
+            )
+        array = np.frombuffer(binary, dtype=np_dtype.newbyteorder("<"))
+    else:
+        if inp.data is None:
+            raise InvalidInput(f"input {inp.name!r} has neither 'data' nor binary_data_size")
+        flat = _flatten(inp.data)
+        if len(flat) != count:
+            raise InvalidInput(f"input {inp.name!r}: {len(flat)} values for shape {inp.shape}, expected {count}")
+        try:
+            array = np.asarray(flat, dtype=np_dtype)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"input {inp.name!r}: data is not {inp.datatype}: {exc}") from exc
+    return torch.from_numpy(array.reshape(inp.shape).copy())
+
+
+def to_rest(name: str, tensor: torch.Tensor, binary: bool) -> tuple[ResponseOutput, bytes | None]:
+    """A result tensor as a wire output, with its raw bytes when binary is asked for."""
+    tensor = tensor.detach().cpu().contiguous()
+    datatype = datatype_of(tensor.dtype)
+    array = tensor.numpy()
+    if binary:
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        out = ResponseOutput(
+            name=name, datatype=datatype, shape=list(array.shape), parameters={"binary_data_size": len(raw)}
+        )
+        return out, raw
+    return ResponseOutput(name=name, datatype=datatype, shape=list(array.shape), data=array.reshape(-1).tolist()), None

@@ -1,0 +1,84 @@
+"""Validate a compiled artifact in a child process, exactly as kiln-serve loads it.
+
+Compile path. A library that crashes on load (see shared/notes/gpu-findings.md:
+a segfault inside std::regex) kills only the child, and the compile fails with a
+clear reason instead of shipping an artifact that crash-loops every replica.
+Run as `python -m kiln.runtime.validate ARTIFACT PROGRAM DEVICE BATCHES ATOL RTOL`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kiln.manifest import Validation
+from kiln.runtime.errors import ValidationError
+
+
+def validate_in_child(
+    artifact: Path, program: Path, device: str, batches: list[int], atol: float, rtol: float, timeout: float
+) -> Validation:
+    cmd = [sys.executable, "-m", "kiln.runtime.validate", str(artifact), str(program), device,
+           ",".join(map(str, batches)), str(atol), str(rtol)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ValidationError(f"loading the artifact did not finish within {timeout:.0f} s") from exc
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        raise ValidationError(f"loading the compiled artifact crashed the process ({name}); it would crash every replica")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValidationError(f"validation failed: {tail}")
+    result = json.loads(lines[-1])
+    if result.get("error"):
+        raise ValidationError(result["error"])
+    return Validation.model_validate(result["validation"])
+
+
+def _child(argv: list[str]) -> int:
+    import torch
+
+    from kiln.runtime.export import example_inputs, load_exported
+    from kiln.runtime.loader import load_aot
+
+    artifact, program_path, device, batches_arg, atol_arg, rtol_arg = argv
+    batches = [int(b) for b in batches_arg.split(",")]
+    atol, rtol = float(atol_arg), float(rtol_arg)
+    model = load_aot(Path(artifact), device)
+    reference = load_exported(Path(program_path)).module()
+    max_abs = max_rel = 0.0
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = example_inputs(model.signature, batch, device, seed=batch)
+            got = model.fn(inputs)
+            want = list(torch.utils._pytree.tree_leaves(reference(*inputs)))
+            if len(got) != len(want):
+                return _report(error=f"artifact returned {len(got)} outputs, the program {len(want)}")
+            for g, w in zip(got, want, strict=True):
+                if g.shape != w.shape:
+                    return _report(error=f"batch {batch}: output shape {list(g.shape)} != expected {list(w.shape)}")
+                diff = (g.double() - w.double()).abs()
+                max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+                rel = diff / w.double().abs().clamp_min(1e-6)
+                max_rel = max(max_rel, float(rel.max()) if rel.numel() else 0.0)
+                if bool((diff > atol + rtol * w.double().abs()).any()):
+                    return _report(
+                        error=f"batch {batch}: compiled output differs from the program "
+                        f"(max abs error {float(diff.max()):.3g} > atol {atol} + rtol {rtol})"
+                    )
+    validation = Validation(batch_sizes=batches, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
+    return _report(validation=validation.model_dump())
+
+
+def _report(**fields: object) -> int:
+    print(json.dumps(fields), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
