@@ -1,0 +1,162 @@
+"""The dataplane: check requests against the model's signature, batch, call, shape responses.
+
+Runtime layer 3 (no HTTP, no FastAPI). Knows the loaded model and its signature;
+raises domain errors (InvalidInput, NotReady, ...) that the server maps to codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kiln.manifest import Signature, TensorSpec
+from kiln.runtime.batching import Batcher
+from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
+from kiln.runtime.export import example_inputs
+from kiln.runtime.loader import LoadedModel
+from kiln.runtime.metrics import Metrics
+from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
+from kiln.runtime.tensors import from_rest, to_rest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int
+
+
+def describe(spec: TensorSpec) -> str:
+    return f"{spec.name} ({spec.datatype} {spec.shape})"
+
+
+class DataPlane:
+    """One served model. `load()` runs in a worker thread; `ready` flips after warm-up."""
+
+    def __init__(self, name: str, batching: BatchSettings, metrics: Metrics) -> None:
+        self.name = name
+        self.batching = batching
+        self.metrics = metrics
+        self.model: LoadedModel | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.error: str | None = None
+
+    # -- loading -------------------------------------------------------------------
+    def load(self, loader: Callable[[], LoadedModel]) -> None:
+        start = time.perf_counter()
+        model = loader()
+        self.metrics.load_seconds.labels(self.name, model.loader).set(time.perf_counter() - start)
+        log.info("loaded %s with %s in %.2f s", self.name, model.loader, time.perf_counter() - start)
+        start = time.perf_counter()
+        self.warm_up(model)
+        self.metrics.warmup_seconds.labels(self.name).set(time.perf_counter() - start)
+        self.model = model
+
+    def warm_up(self, model: LoadedModel) -> None:
+        """Run every batch size we may call with before reporting ready."""
+        sizes = sorted({1, min(2, self.max_rows(model)), self.max_rows(model)})
+        with torch.inference_mode():
+            for rows in sizes:
+                model.fn(example_inputs(model.signature, rows, model.device))
+        log.info("warmed up %s at batch sizes %s", self.name, sizes)
+
+    def max_rows(self, model: LoadedModel) -> int:
+        return min(self.batching.max_batch_size, model.batch_max)
+
+    def start(self) -> None:
+        """Called on the event loop once load() returned: start batching, report ready."""
+        assert self.model is not None
+        model = self.model
+        self.batcher = Batcher(
+            model.fn, self.max_rows(model), self.batching.max_delay_ms / 1000, self.batching.max_queue,
+            observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
+        )
+        self.batcher.start()
+        self.ready = True
+
+    # -- requests --------------------------------------------------------------------
+    def check_name(self, name: str) -> None:
+        if name != self.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+
+    @property
+    def signature(self) -> Signature:
+        if self.model is None:
+            raise NotReady(f"model {self.name!r} is still loading")
+        return self.model.signature
+
+    def metadata(self) -> ModelMetadata:
+        sig = self.signature
+        assert self.model is not None
+        return ModelMetadata(
+            name=self.name,
+            versions=["1"],
+            platform=f"kiln_{self.model.loader}",
+            inputs=[MetadataTensor(**s.model_dump()) for s in sig.inputs],
+            outputs=[MetadataTensor(**s.model_dump()) for s in sig.outputs],
+            parameters={"max_batch_size": self.max_rows(self.model)},
+        )
+
+    def decode(self, request: InferenceRequest, binary: dict[str, bytes]) -> tuple[list[torch.Tensor], int]:
+        """Request tensors in signature order, and the batch size they share."""
+        sig = self.signature
+        assert self.model is not None
+        expected = {s.name: s for s in sig.inputs}
+        given = {i.name: i for i in request.inputs}
+        unknown = sorted(set(given) - set(expected))
+        missing = sorted(set(expected) - set(given))
+        if unknown or missing or len(given) != len(request.inputs):
+            raise InvalidInput(
+                f"inputs must be exactly {', '.join(describe(s) for s in sig.inputs)}; "
+                f"got {[i.name for i in request.inputs]}"
+            )
+        tensors, rows = [], set()
+        for spec in sig.inputs:
+            inp = given[spec.name]
+            if inp.datatype != spec.datatype:
+                raise InvalidInput(f"input {spec.name!r} has datatype {inp.datatype}, expected {spec.datatype}")
+            if len(inp.shape) != len(spec.shape) or any(
+                e != -1 and g != e for g, e in zip(inp.shape, spec.shape, strict=True)
+            ):
+                raise InvalidInput(f"input {spec.name!r} has shape {inp.shape}, expected {spec.shape} (-1: batch)")
+            limit = self.max_rows(self.model)
+            if not 1 <= inp.shape[0] <= limit:
+                raise InvalidInput(f"input {spec.name!r} has batch size {inp.shape[0]}, expected 1..{limit}")
+            tensors.append(from_rest(inp, binary.get(spec.name)))
+            rows.add(inp.shape[0])
+        if len(rows) != 1:
+            raise InvalidInput(f"all inputs must share one batch size, got {sorted(rows)}")
+        return [t.to(self.model.device, non_blocking=True) for t in tensors], rows.pop()
+
+    async def infer(self, request: InferenceRequest, binary: dict[str, bytes]) -> tuple[InferenceResponse, list[bytes]]:
+        if not self.ready or self.batcher is None:
+            raise NotReady(f"model {self.name!r} is not ready")
+        tensors, rows = self.decode(request, binary)
+        outputs = await self.batcher.submit(tensors, rows)
+        return self.encode(request, outputs)
+
+    def encode(self, request: InferenceRequest, outputs: list[torch.Tensor]) -> tuple[InferenceResponse, list[bytes]]:
+        names = [s.name for s in self.signature.outputs]
+        all_binary = bool((request.parameters or {}).get("binary_data_output", False))
+        wanted = {o.name: bool((o.parameters or {}).get("binary_data", all_binary)) for o in request.outputs or []}
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}; outputs are {names}")
+        selected = wanted or dict.fromkeys(names, all_binary)
+        response_outputs, chunks = [], []
+        for name, tensor in zip(names, outputs, strict=True):
+            if name not in selected:
+                continue
+            out, raw = to_rest(name, tensor, selected[name])
+            response_outputs.append(out)
+            if raw is not None:
+                chunks.append(raw)
+        return InferenceResponse(model_name=self.name, model_version="1", id=request.id,
+                                 outputs=response_outputs), chunks

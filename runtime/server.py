@@ -1,0 +1,218 @@
+"""`kiln-serve`: the Open Inference Protocol v2 over HTTP (FastAPI + uvicorn).
+
+Runtime layer 4: routes and the HTTP side of errors. Routes are registered in one
+place (`register_routes`), domain errors mapped to codes in one place (`STATUS`),
+with the protocol's one error body `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError as WireError
+
+from kiln import __version__
+from kiln.runtime.dataplane import BatchSettings, DataPlane
+from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded
+from kiln.runtime.loader import LoadedModel
+from kiln.runtime.metrics import Metrics
+from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest, ServerMetadata
+from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
+
+log = logging.getLogger("kiln.serve")
+
+STATUS: dict[type[KilnError], int] = {InvalidInput: 400, ModelNotFound: 404, NotReady: 503, Overloaded: 503}
+RETRY_AFTER_SECONDS = "1"
+
+
+class PayloadTooLarge(KilnError):
+    reason = "PayloadTooLarge"
+
+
+STATUS[PayloadTooLarge] = 413
+
+
+def error_response(exc: KilnError) -> JSONResponse:
+    code = next((c for t, c in STATUS.items() if isinstance(exc, t)), 500)
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if isinstance(exc, (Overloaded, NotReady)) else None
+    return JSONResponse({"error": str(exc)}, status_code=code, headers=headers)
+
+
+async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, dict[str, bytes]]:
+    """Parse a JSON body, or a JSON header followed by binary tensor data."""
+    declared = request.headers.get("content-length")
+    if declared and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
+    header_len = request.headers.get(BINARY_HEADER)
+    split = int(header_len) if header_len else len(body)
+    if not 0 <= split <= len(body):
+        raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
+    try:
+        parsed = InferenceRequest.model_validate(json.loads(body[:split]))
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    except WireError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"malformed inference request at {where}: {first['msg']}") from exc
+    binary: dict[str, bytes] = {}
+    offset = split
+    for inp in parsed.inputs:
+        size = (inp.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
+        binary[inp.name] = body[offset:offset + size]
+        offset += size
+    if offset != len(body):
+        raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    return parsed, binary
+
+
+def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, metrics: Metrics) -> None:
+    @app.get("/v2")
+    async def server_metadata() -> ServerMetadata:
+        return ServerMetadata(name="kiln", version=__version__, extensions=["binary_tensor_data"])
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if plane.ready else 503)
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> Response:
+        plane.check_name(name)
+        return Response(plane.metadata().model_dump_json(exclude_none=True), media_type="application/json")
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> Response:
+        plane.check_name(name)
+        return Response(status_code=200 if plane.ready else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            plane.check_name(name)
+            parsed, binary = await read_request(request, settings.max_body_bytes)
+            result, chunks = await plane.infer(parsed, binary)
+        except KilnError as exc:
+            response: Response = error_response(exc)
+        else:
+            header = result.model_dump_json(exclude_none=True).encode()
+            if chunks:
+                response = Response(header + b"".join(chunks), media_type="application/octet-stream",
+                                    headers={BINARY_HEADER: str(len(header))})
+            else:
+                response = Response(header, media_type="application/json")
+        metrics.requests.labels(plane.name, str(response.status_code)).inc()
+        metrics.latency.labels(plane.name).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if plane.batcher is not None:
+            metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(KilnError)
+    async def domain_error(_: Request, exc: KilnError) -> JSONResponse:
+        return error_response(exc)
+
+
+def model_loader(settings: ServeSettings) -> LoadedModel:
+    """Load the model the settings name (runs in a worker thread)."""
+    import torch
+
+    from kiln.runtime import loader
+
+    threads = settings.intra_op_threads or cpu_limit()
+    torch.set_num_threads(threads)
+    if settings.inter_op_threads:
+        torch.set_num_interop_threads(settings.inter_op_threads)
+    if settings.mode == "aot":
+        return loader.load_aot(Path(settings.artifact), settings.device)
+    from kiln.runtime.fetch import fetch
+
+    local = Path("/tmp/kiln-serve-archive.pt2")
+    fetched = fetch(settings.archive, local, sha256=settings.archive_sha256 or None,
+                    max_bytes=8 << 30, pvc_root=Path(settings.pvc_root))
+    return loader.load_program(fetched.path, settings.device, settings.mode == "jit",
+                               settings.inductor_mode, settings.max_batch_size)
+
+
+class App:
+    """The server and its model: loads in the background so liveness answers at once."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.plane = DataPlane(
+            settings.model_name,
+            BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue),
+            self.metrics,
+        )
+        self.failure: str | None = None
+        self.server: uvicorn.Server | None = None
+        self.api = FastAPI(title="kiln-serve", version=__version__, lifespan=self.lifespan)
+        register_routes(self.api, self.plane, settings, self.metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.load())
+        yield
+        task.cancel()
+        if self.plane.batcher is not None:
+            await self.plane.batcher.stop()
+
+    async def load(self) -> None:
+        start = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.plane.load, lambda: model_loader(self.settings))
+        except Exception as exc:
+            reason = f"{getattr(exc, 'reason', 'LoadFailed')}: {exc}".replace("\n", " ")
+            log.error("model failed to load: %s", reason)
+            self.failure = reason
+            with contextlib.suppress(OSError):
+                Path("/dev/termination-log").write_text(reason[:4000])
+            if self.server is not None:
+                self.server.should_exit = True
+            return
+        self.plane.start()
+        log.info("ready in %.2f s (model %s)", time.perf_counter() - start, self.plane.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = App(settings)
+    config = uvicorn.Config(app.api, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.graceful_seconds, access_log=False)
+    app.server = uvicorn.Server(config)
+    app.server.run()
+    if app.failure:
+        print(app.failure, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""kiln-serve settings: one dataclass, parsed from flags and KILN_* environment in main().
+
+Runtime configuration layer. Flags win over environment; nothing is read at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def cpu_limit() -> int:
+    """The pod's CPU limit (cgroup v2 cpu.max), else the CPUs this process may use."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return len(os.sched_getaffinity(0))
+
+
+def opt(default: object, doc: str) -> Any:
+    """A settings field with its documentation, shown by --help."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = opt("model", "Name the model is served under: /v2/models/{name}.")
+    mode: str = opt("aot", "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is.")
+    artifact: str = opt("", "aot: the artifact folder `<cache>/<key>` holding manifest.json and model.pt2.")
+    archive: str = opt("", "jit/eager: URI of the ExportedProgram archive.")
+    archive_sha256: str = opt("", "jit/eager: expected sha256 of the archive.")
+    device: str = opt("cpu", "cpu or cuda.")
+    host: str = opt("0.0.0.0", "Address to bind.")
+    port: int = opt(8080, "Port to bind.")
+    max_batch_size: int = opt(32, "Most rows merged into one model call (capped by the artifact's compiled maximum).")
+    max_delay_ms: float = opt(2.0, "How long the first request of a batch waits for others; 0 merges only what is queued.")
+    max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
+    max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")
+    inductor_mode: str = opt("default", "jit: torch.compile mode.")
+    intra_op_threads: int = opt(0, "torch intra-op threads; 0: the pod's CPU limit.")
+    inter_op_threads: int = opt(0, "torch inter-op threads; 0: torch's default.")
+    graceful_seconds: int = opt(20, "On SIGTERM, how long in-flight requests may take to finish.")
+    pvc_root: str = opt("/mnt/pvc", "Where pvc://CLAIM/ archives are mounted.")
+    log_level: str = opt("info", "Log level of the server.")
+
+
+def parse_settings(argv: list[str] | None) -> ServeSettings:
+    parser = argparse.ArgumentParser(prog="kiln-serve", description="Serve a model over the Open Inference Protocol v2.")
+    for f in fields(ServeSettings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        env = os.environ.get("KILN_" + f.name.upper())
+        default = kind(env) if env is not None else f.default
+        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['doc']} (env KILN_{f.name.upper()})")
+    ns = parser.parse_args(argv)
+    settings = ServeSettings(**vars(ns))
+    if settings.mode not in ("aot", "jit", "eager"):
+        parser.error(f"--mode must be aot, jit or eager, not {settings.mode!r}")
+    if settings.mode == "aot" and not settings.artifact:
+        parser.error("--mode aot needs --artifact (the <cache>/<key> folder)")
+    if settings.mode != "aot" and not settings.archive:
+        parser.error(f"--mode {settings.mode} needs --archive (URI of the ExportedProgram)")
+    return settings
