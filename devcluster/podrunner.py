@@ -11,6 +11,7 @@ restartPolicy is honoured with a short exponential backoff.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shlex
@@ -29,6 +30,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kiln.devcluster import volumes
+
+log = logging.getLogger("kiln.devcluster.pods")
 
 TICK = 0.2
 MAX_BACKOFF = 20.0
@@ -96,6 +99,7 @@ class PodRunner(threading.Thread):
     # -- requests from the agent --------------------------------------------------------
     def request_delete(self, grace: float) -> None:
         if self.delete_grace is None:
+            log.info("stopping pod %s/%s (grace %.0f s)", self.ns, self.pod.metadata.name, grace)
             self.delete_grace = grace
 
     def detach(self) -> None:
@@ -362,8 +366,11 @@ class PodRunner(threading.Thread):
         for c in running:
             self.stop_container(c, "pod deleted")
         if not self.killed.is_set():
-            with contextlib.suppress(ApiException):
-                self.agent.core.delete_namespaced_pod(
-                    self.pod.metadata.name, self.ns, grace_period_seconds=0,
-                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=self.pod.metadata.uid)))
+            try:
+                # The API server reads options from the body when there is one, not the query.
+                self.agent.core.delete_namespaced_pod(self.pod.metadata.name, self.ns, body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.pod.metadata.uid)))
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning("could not remove pod %s/%s: %s", self.ns, self.pod.metadata.name, exc.reason)
         self.agent.forget(self.pod.metadata.uid)

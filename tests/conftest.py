@@ -1,0 +1,93 @@
+"""Shared fixtures: the local control plane (session) and a fresh namespace per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln.devcluster.cli import ensure_binaries
+from kiln.devcluster.cluster import LocalCluster
+
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+NODES: list[dict[str, object]] = [
+    {"name": "cpu-0", "cpu": 8, "memory": "32Gi"},
+    {"name": "gpu-0", "cpu": 8, "memory": "64Gi", "gpus": 1, "labels": {"nvidia.com/gpu.product": GPU_PRODUCT}},
+]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    bin_dir = ensure_binaries()
+    with LocalCluster(bin_dir=bin_dir) as c:
+        c.start_agent(NODES, images={"kiln-operator": "kiln-operator"})
+        yield c
+
+
+class Kube:
+    """kubectl in one namespace, with JSON helpers and polling."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+
+    def run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, check=check, input=input)
+
+    def apply(self, manifest: str) -> subprocess.CompletedProcess[str]:
+        return self.run("apply", "-f", "-", input=manifest, check=False)
+
+    def get(self, *args: str) -> Any:
+        out = self.run("get", *args, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def wait_for(self, what: Callable[[], Any], timeout: float = 60, every: float = 0.3, message: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = what()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or what}")
+            time.sleep(every)
+
+
+def dump_logs(cluster: LocalCluster, tail: int = 30) -> None:
+    agent = cluster.root / "agent" / "pods" if cluster.root else None
+    for log_file in sorted(cluster.log_dir.glob("*.log")) + sorted(agent.glob("*/*.log") if agent else []):
+        lines = log_file.read_text(errors="replace").splitlines()[-tail:]
+        print(f"==== {log_file} (last {tail} lines)\n" + "\n".join(lines))
+
+
+@pytest.fixture
+def kube(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Kube]:
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", ns)
+    Kube(cluster, ns).wait_for(lambda: Kube(cluster, ns).get("serviceaccount", "default"), 20,
+                               message="default service account")
+    yield Kube(cluster, ns)
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(f"logs of the local control plane: {cluster.log_dir}")
+        dump_logs(cluster)
+    if not os.environ.get("KILN_KEEP_NAMESPACES"):
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
