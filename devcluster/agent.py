@@ -66,8 +66,10 @@ class Agent:
         for key in (name, name.rsplit("/", 1)[-1]):
             if key in self.images:
                 return list(self.images[key])
-        raise ValueError(f"image {image!r} has no entrypoint known to the node agent: give the container a "
-                         "command, or start the agent with --image NAME=COMMAND")
+        raise ValueError(
+            f"image {image!r} has no entrypoint known to the node agent: give the container a "
+            "command, or start the agent with --image NAME=COMMAND"
+        )
 
     def allocate_ip(self) -> str:
         with self.lock:
@@ -83,27 +85,65 @@ class Agent:
 
     # -- nodes ----------------------------------------------------------------------------------
     def node_status(self, spec: dict[str, Any]) -> dict[str, Any]:
-        capacity = {"cpu": str(spec.get("cpu", os.cpu_count() or 2)), "memory": spec.get("memory", "32Gi"),
-                    "pods": str(spec.get("pods", 110)), "ephemeral-storage": "100Gi"}
+        capacity = {
+            "cpu": str(spec.get("cpu", os.cpu_count() or 2)),
+            "memory": spec.get("memory", "32Gi"),
+            "pods": str(spec.get("pods", 110)),
+            "ephemeral-storage": "100Gi",
+        }
         if spec.get("gpus"):
             capacity["nvidia.com/gpu"] = str(spec["gpus"])
         t = now()
-        conditions = [{"type": kind, "status": "False", "reason": f"KubeletHasNo{kind}", "lastHeartbeatTime": t,
-                       "lastTransitionTime": t} for kind in ("MemoryPressure", "DiskPressure", "PIDPressure")]
-        conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kiln node agent",
-                           "lastHeartbeatTime": t, "lastTransitionTime": t})
-        return {"capacity": capacity, "allocatable": capacity, "conditions": conditions,
-                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                              {"type": "Hostname", "address": spec["name"]}],
-                "nodeInfo": {"kubeletVersion": "v1.33.13-kiln-agent", "operatingSystem": "linux",
-                             "architecture": "amd64", "containerRuntimeVersion": "kiln-agent://1",
-                             "kernelVersion": os.uname().release, "osImage": "local processes",
-                             "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""}}
+        conditions = [
+            {
+                "type": kind,
+                "status": "False",
+                "reason": f"KubeletHasNo{kind}",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            }
+            for kind in ("MemoryPressure", "DiskPressure", "PIDPressure")
+        ]
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kiln node agent",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            }
+        )
+        return {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": conditions,
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": spec["name"]},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.33.13-kiln-agent",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "kiln-agent://1",
+                "kernelVersion": os.uname().release,
+                "osImage": "local processes",
+                "kubeProxyVersion": "",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
 
     def register(self, spec: dict[str, Any]) -> None:
         name = spec["name"]
-        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-                  **spec.get("labels", {})}
+        labels = {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **spec.get("labels", {}),
+        }
         body = {"metadata": {"name": name, "labels": labels}, "spec": {"taints": spec.get("taints", [])}}
         try:
             self.core.create_node(body)
@@ -132,8 +172,10 @@ class Agent:
 
     def renew_lease(self, name: str) -> None:
         ts = now(micro=True)
-        body = {"metadata": {"name": name, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": ts}}
+        body = {
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": ts},
+        }
         try:
             self.coord.patch_namespaced_lease(name, "kube-node-lease", {"spec": body["spec"]})
         except ApiException as exc:
@@ -164,12 +206,18 @@ class Agent:
         folder = claim_dir(self.root, ns, name)
         folder.mkdir(parents=True, exist_ok=True)
         size = (pvc.spec.resources.requests or {}).get("storage", "1Gi")
-        body = {"metadata": {"name": f"kiln-dev-{pvc.metadata.uid}", "labels": {"kiln.dev/dev-volume": "true"}},
-                "spec": {"capacity": {"storage": size}, "accessModes": pvc.spec.access_modes,
-                         "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": str(folder)},
-                         "storageClassName": pvc.spec.storage_class_name or "",
-                         "volumeMode": pvc.spec.volume_mode or "Filesystem",
-                         "claimRef": {"namespace": ns, "name": name, "uid": pvc.metadata.uid}}}
+        body = {
+            "metadata": {"name": f"kiln-dev-{pvc.metadata.uid}", "labels": {"kiln.dev/dev-volume": "true"}},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": pvc.spec.access_modes,
+                "persistentVolumeReclaimPolicy": "Delete",
+                "hostPath": {"path": str(folder)},
+                "storageClassName": pvc.spec.storage_class_name or "",
+                "volumeMode": pvc.spec.volume_mode or "Filesystem",
+                "claimRef": {"namespace": ns, "name": name, "uid": pvc.metadata.uid},
+            },
+        }
         with contextlib.suppress(ApiException):
             self.core.create_persistent_volume(body)
             log.info("provisioned %s for claim %s/%s", folder, ns, name)
@@ -184,8 +232,12 @@ class Agent:
                     for pod in listing.items:
                         self.on_pod("ADDED", pod)
                     rv = listing.metadata.resource_version
-                stream = watch.Watch().stream(self.core.list_pod_for_all_namespaces, field_selector="spec.nodeName!=",
-                                              resource_version=rv, timeout_seconds=60)
+                stream = watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector="spec.nodeName!=",
+                    resource_version=rv,
+                    timeout_seconds=60,
+                )
                 for event in stream:
                     pod = event["object"]
                     rv = pod.metadata.resource_version
@@ -253,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln-node-agent", description=__doc__.splitlines()[0])
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     p.add_argument("--root", type=Path, required=True, help="folder for pod folders, volumes and logs")
-    p.add_argument("--node", action="append", type=json.loads, default=[],
-                   help='node as JSON: {"name", "labels", "gpus", "cpu", "memory", "taints"}')
+    p.add_argument(
+        "--node",
+        action="append",
+        type=json.loads,
+        default=[],
+        help='node as JSON: {"name", "labels", "gpus", "cpu", "memory", "taints"}',
+    )
     p.add_argument("--image", action="append", type=parse_image, default=[], metavar="NAME=COMMAND")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,7 +1,7 @@
 """`kiln-devcluster`: build (or reuse) the binaries and run the local control plane by hand.
 
-    kiln-devcluster up                 # control plane + node agent; Ctrl-C stops and cleans up
-    kubectl --kubeconfig ~/.cache/kiln/dev/kubeconfig get nodes
+kiln-devcluster up                 # control plane + node agent; Ctrl-C stops and cleans up
+kubectl --kubeconfig ~/.cache/kiln/dev/kubeconfig get nodes
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def ensure_binaries() -> Path:
 def default_nodes(gpu_product: str | None) -> list[dict[str, object]]:
     nodes: list[dict[str, object]] = [{"name": "cpu-0", "cpu": 8, "memory": "32Gi"}]
     if gpu_product:
-        nodes.append({"name": "gpu-0", "cpu": 8, "memory": "64Gi", "gpus": 1,
-                      "labels": {"nvidia.com/gpu.product": gpu_product}})
+        nodes.append(
+            {"name": "gpu-0", "cpu": 8, "memory": "64Gi", "gpus": 1, "labels": {"nvidia.com/gpu.product": gpu_product}}
+        )
     return nodes
 
 
@@ -46,8 +47,10 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     with cluster:
-        cluster.start_agent(default_nodes(None if args.no_gpu_node else args.gpu_product),
-                            images=dict(i.split("=", 1) for i in args.image))
+        cluster.start_agent(
+            default_nodes(None if args.no_gpu_node else args.gpu_product),
+            images=dict(i.split("=", 1) for i in args.image),
+        )
         log(f"kubectl --kubeconfig {cluster.kubeconfig} get nodes   (Ctrl-C to stop)")
         try:
             signal.pause()

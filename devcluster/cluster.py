@@ -29,13 +29,27 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
 # The controllers Kiln relies on; endpoints controllers are left out because
 # Endpoints may not hold the loopback pod addresses the node agent hands out.
-CONTROLLERS = ",".join([
-    "serviceaccount-token-controller", "serviceaccount-controller", "root-ca-certificate-publisher-controller",
-    "garbage-collector-controller", "namespace-controller", "job-controller", "cronjob-controller",
-    "deployment-controller", "replicaset-controller", "statefulset-controller", "daemonset-controller",
-    "ttl-after-finished-controller", "node-lifecycle-controller", "pod-garbage-collector-controller",
-    "persistentvolume-binder-controller", "disruption-controller", "taint-eviction-controller",
-])
+CONTROLLERS = ",".join(
+    [
+        "serviceaccount-token-controller",
+        "serviceaccount-controller",
+        "root-ca-certificate-publisher-controller",
+        "garbage-collector-controller",
+        "namespace-controller",
+        "job-controller",
+        "cronjob-controller",
+        "deployment-controller",
+        "replicaset-controller",
+        "statefulset-controller",
+        "daemonset-controller",
+        "ttl-after-finished-controller",
+        "node-lifecycle-controller",
+        "pod-garbage-collector-controller",
+        "persistentvolume-binder-controller",
+        "disruption-controller",
+        "taint-eviction-controller",
+    ]
+)
 
 
 def free_port() -> int:
@@ -84,8 +98,11 @@ class LocalCluster:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
-        missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-                   if not (self.bin_dir / b).is_file()]
+        missing = [
+            b
+            for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+            if not (self.bin_dir / b).is_file()
+        ]
         if missing:
             raise FileNotFoundError(f"{missing} not in {self.bin_dir}: run devcluster/build.sh first")
         start = time.monotonic()
@@ -95,33 +112,63 @@ class LocalCluster:
         self.write_kubeconfig(self.kubeconfig)
         etcd_port, peer_port = free_port(), free_port()
         etcd = f"http://127.0.0.1:{etcd_port}"
-        self.spawn("etcd", [
-            "--name=default", f"--data-dir={self.root / 'etcd'}", f"--listen-client-urls={etcd}",
-            f"--advertise-client-urls={etcd}", f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=default=http://127.0.0.1:{peer_port}", "--unsafe-no-fsync", "--log-level=warn",
-        ])
-        self.spawn("kube-apiserver", [
-            f"--etcd-servers={etcd}", f"--secure-port={self.api_port}", "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
-            f"--tls-cert-file={self.pki.server_crt}", f"--tls-private-key-file={self.pki.server_key}",
-            f"--client-ca-file={self.pki.ca_crt}", f"--token-auth-file={self.root / 'tokens.csv'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={self.pki.sa_pub}", f"--service-account-signing-key-file={self.pki.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=RBAC", "--allow-privileged=true",
-            f"--cert-dir={self.root / 'certs'}", "--profiling=false", "--v=1",
-        ])
+        self.spawn(
+            "etcd",
+            [
+                "--name=default",
+                f"--data-dir={self.root / 'etcd'}",
+                f"--listen-client-urls={etcd}",
+                f"--advertise-client-urls={etcd}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+        self.spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={etcd}",
+                f"--secure-port={self.api_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+                f"--tls-cert-file={self.pki.server_crt}",
+                f"--tls-private-key-file={self.pki.server_key}",
+                f"--client-ca-file={self.pki.ca_crt}",
+                f"--token-auth-file={self.root / 'tokens.csv'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={self.pki.sa_pub}",
+                f"--service-account-signing-key-file={self.pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                f"--cert-dir={self.root / 'certs'}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         self.wait_http("/readyz", timeout)
         common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0", "--v=1"]
-        self.spawn("kube-controller-manager", [
-            *common, f"--controllers={CONTROLLERS}", f"--service-account-private-key-file={self.pki.sa_key}",
-            f"--root-ca-file={self.pki.ca_crt}", f"--node-monitor-grace-period={self.node_monitor_grace_seconds}s",
-            "--node-monitor-period=2s", "--concurrent-gc-syncs=10",
-        ])
+        self.spawn(
+            "kube-controller-manager",
+            [
+                *common,
+                f"--controllers={CONTROLLERS}",
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_crt}",
+                f"--node-monitor-grace-period={self.node_monitor_grace_seconds}s",
+                "--node-monitor-period=2s",
+                "--concurrent-gc-syncs=10",
+            ],
+        )
         self.spawn("kube-scheduler", common)
         self.wait_default_service_account(timeout - (time.monotonic() - start))
-        log(f"control plane ready in {time.monotonic() - start:.1f} s at {self.server} "
-            f"(kubeconfig {self.kubeconfig}, logs {self.log_dir})")
+        log(
+            f"control plane ready in {time.monotonic() - start:.1f} s at {self.server} "
+            f"(kubeconfig {self.kubeconfig}, logs {self.log_dir})"
+        )
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
@@ -137,8 +184,9 @@ class LocalCluster:
         if self.root and not self.keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def start_agent(self, nodes: list[dict[str, object]], images: dict[str, str] | None = None,
-                    timeout: float = 30) -> None:
+    def start_agent(
+        self, nodes: list[dict[str, object]], images: dict[str, str] | None = None, timeout: float = 30
+    ) -> None:
         """Start the node agent for these nodes and wait until they are Ready."""
         assert self.root is not None
         args = [f"--root={self.root / 'agent'}", f"--kubeconfig={self.kubeconfig}"]
@@ -150,9 +198,12 @@ class LocalCluster:
         while True:
             self.check_alive()
             out = self.kubectl("get", "nodes", "-o", "json", check=False).stdout
-            ready = {item["metadata"]["name"] for item in (json.loads(out)["items"] if out else [])
-                     if not item["spec"].get("taints")
-                     and any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", []))}
+            ready = {
+                item["metadata"]["name"]
+                for item in (json.loads(out)["items"] if out else [])
+                if not item["spec"].get("taints")
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", []))
+            }
             if set(names) <= ready:
                 return
             if time.monotonic() > deadline:
@@ -174,8 +225,13 @@ class LocalCluster:
 
     def _popen(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         with (self.log_dir / f"{name}.log").open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "KUBECONFIG": str(self.kubeconfig)})
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            )
         self.procs[name] = proc
         return proc
 
@@ -226,5 +282,10 @@ current-context: kiln-dev
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n" + "\n".join(tail))
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args], capture_output=True,
-                              text=True, check=check, input=input)
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+        )

@@ -30,16 +30,54 @@ def _openssl(*args: str) -> None:
 def make_pki(folder: Path, service_ip: str) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     pki = Pki(*(folder / n for n in ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "sa.key", "sa.pub")))
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=kiln-devcluster-ca",
-             "-keyout", str(pki.ca_key), "-out", str(pki.ca_crt))
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=kiln-devcluster-ca",
+        "-keyout",
+        str(pki.ca_key),
+        "-out",
+        str(pki.ca_crt),
+    )
     csr = folder / "apiserver.csr"
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver",
-             "-keyout", str(pki.server_key), "-out", str(csr))
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        str(pki.server_key),
+        "-out",
+        str(csr),
+    )
     ext = folder / "apiserver.ext"
     names = ",".join([f"DNS:{n}" for n in ("localhost", *SERVICE_NAMES)] + ["IP:127.0.0.1", f"IP:{service_ip}"])
     ext.write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(pki.ca_crt), "-CAkey", str(pki.ca_key), "-CAcreateserial",
-             "-days", "30", "-extfile", str(ext), "-out", str(pki.server_crt))
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(pki.ca_crt),
+        "-CAkey",
+        str(pki.ca_key),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(pki.server_crt),
+    )
     _openssl("genrsa", "-out", str(pki.sa_key), "2048")
     _openssl("rsa", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub))
     return pki

@@ -44,10 +44,12 @@ def now(micro: bool = False) -> str:
 
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: defined names are replaced, $$ escapes."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
         return env.get(m.group(1), m.group(0))
+
     return VAR_REF.sub(sub, text)
 
 
@@ -138,8 +140,11 @@ class PodRunner(threading.Thread):
     # -- processes --------------------------------------------------------------------------
     def env_for(self, spec: client.V1Container) -> dict[str, str]:
         env = {
-            "PATH": self.agent.path, "HOME": str(self.dir / "home"), "HOSTNAME": self.pod.metadata.name,
-            "LANG": "C.UTF-8", "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "PATH": self.agent.path,
+            "HOME": str(self.dir / "home"),
+            "HOSTNAME": self.pod.metadata.name,
+            "LANG": "C.UTF-8",
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
         }
         env.update(self.agent.pass_env)
@@ -204,13 +209,26 @@ class PodRunner(threading.Thread):
         with c.log.open("ab") as out:
             out.write(f"--- {now()} starting: {shlex.join(argv)}\n".encode())
             out.flush()
-            c.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=c.spec.working_dir or "/", start_new_session=True)
+            c.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=c.spec.working_dir or "/",
+                start_new_session=True,
+            )
         c.started_at = now()
         c.state = {"running": {"startedAt": c.started_at}}
-        c.probes = {k: Probe(p, next_at=time.monotonic() + (p.initial_delay_seconds or 0))
-                    for k, p in (("startup", c.spec.startup_probe), ("readiness", c.spec.readiness_probe),
-                                 ("liveness", c.spec.liveness_probe)) if p is not None}
+        c.probes = {
+            k: Probe(p, next_at=time.monotonic() + (p.initial_delay_seconds or 0))
+            for k, p in (
+                ("startup", c.spec.startup_probe),
+                ("readiness", c.spec.readiness_probe),
+                ("liveness", c.spec.liveness_probe),
+            )
+            if p is not None
+        }
         c.started = "startup" not in c.probes
         c.ready = False
 
@@ -220,8 +238,10 @@ class PodRunner(threading.Thread):
         if not message and code != 0 and policy == "FallbackToLogsOnError":
             message = "\n".join(c.log.read_text(errors="replace").splitlines()[-20:])
         terminated: dict[str, Any] = {
-            "exitCode": code if code >= 0 else 128 - code, "reason": "Completed" if code == 0 else "Error",
-            "startedAt": c.started_at, "finishedAt": now(),
+            "exitCode": code if code >= 0 else 128 - code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": c.started_at,
+            "finishedAt": now(),
         }
         if code < 0:
             terminated["signal"] = -code
@@ -232,11 +252,15 @@ class PodRunner(threading.Thread):
         again = policy_restart == "Always" or (policy_restart == "OnFailure" and code != 0)
         if again:
             c.last_state = {"terminated": terminated}
-            delay = min(MAX_BACKOFF, 2.0 ** c.restarts)
+            delay = min(MAX_BACKOFF, 2.0**c.restarts)
             c.restarts += 1
             c.next_start = time.monotonic() + delay
-            c.state = {"waiting": {"reason": "CrashLoopBackOff",
-                                   "message": f"back-off {delay:.0f}s restarting failed container"}}
+            c.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {delay:.0f}s restarting failed container",
+                }
+            }
         else:
             c.state = {"terminated": terminated}
             c.done = True
@@ -326,17 +350,34 @@ class PodRunner(threading.Thread):
 
     def status(self) -> dict[str, Any]:
         ready = all(c.ready for c in self.containers) and self.failure is None
-        statuses = [{
-            "name": c.spec.name, "image": c.spec.image, "imageID": "", "ready": c.ready, "started": c.started,
-            "restartCount": c.restarts, "state": c.state, "lastState": c.last_state,
-            **({"containerID": f"kiln-agent://{c.proc.pid}"} if c.proc else {}),
-        } for c in self.containers]
+        statuses = [
+            {
+                "name": c.spec.name,
+                "image": c.spec.image,
+                "imageID": "",
+                "ready": c.ready,
+                "started": c.started,
+                "restartCount": c.restarts,
+                "state": c.state,
+                "lastState": c.last_state,
+                **({"containerID": f"kiln-agent://{c.proc.pid}"} if c.proc else {}),
+            }
+            for c in self.containers
+        ]
         status: dict[str, Any] = {
-            "phase": self.phase(), "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}], "startTime": self.start_time,
+            "phase": self.phase(),
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.pod_ip,
+            "podIPs": [{"ip": self.pod_ip}],
+            "startTime": self.start_time,
             "containerStatuses": statuses,
-            "conditions": [self.condition("PodReadyToStartContainers", True), self.condition("Initialized", True),
-                           self.condition("ContainersReady", ready), self.condition("Ready", ready)],
+            "conditions": [
+                self.condition("PodReadyToStartContainers", True),
+                self.condition("Initialized", True),
+                self.condition("ContainersReady", ready),
+                self.condition("Ready", ready),
+            ],
         }
         if self.failure:
             status["message"], status["reason"] = self.failure, "UnsupportedPod"
@@ -368,8 +409,13 @@ class PodRunner(threading.Thread):
         if not self.killed.is_set():
             try:
                 # The API server reads options from the body when there is one, not the query.
-                self.agent.core.delete_namespaced_pod(self.pod.metadata.name, self.ns, body=client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.pod.metadata.uid)))
+                self.agent.core.delete_namespaced_pod(
+                    self.pod.metadata.name,
+                    self.ns,
+                    body=client.V1DeleteOptions(
+                        grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.pod.metadata.uid)
+                    ),
+                )
             except ApiException as exc:
                 if exc.status != 404:
                     log.warning("could not remove pod %s/%s: %s", self.ns, self.pod.metadata.name, exc.reason)

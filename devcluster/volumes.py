@@ -49,11 +49,15 @@ def _projected(core: client.CoreV1Api, pod: client.V1Pod, folder: Path, sources:
     for src in sources:
         if src.service_account_token:
             sat = src.service_account_token
-            req = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
-                audiences=[sat.audience] if sat.audience else [],
-                expiration_seconds=sat.expiration_seconds or 3600,
-                bound_object_ref=client.V1BoundObjectReference(kind="Pod", api_version="v1",
-                                                               name=pod.metadata.name, uid=pod.metadata.uid)))
+            req = client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(
+                    audiences=[sat.audience] if sat.audience else [],
+                    expiration_seconds=sat.expiration_seconds or 3600,
+                    bound_object_ref=client.V1BoundObjectReference(
+                        kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
+                    ),
+                )
+            )
             sa = pod.spec.service_account_name or "default"
             token = core.create_namespaced_service_account_token(sa, ns, req)
             (folder / sat.path).write_text(token.status.token)
@@ -73,14 +77,18 @@ def field_value(pod: client.V1Pod, path: str) -> str:
     """The downward API's fieldRef values the agent knows."""
     meta = pod.metadata
     values = {
-        "metadata.name": meta.name, "metadata.namespace": meta.namespace, "metadata.uid": meta.uid,
-        "spec.nodeName": pod.spec.node_name, "spec.serviceAccountName": pod.spec.service_account_name or "default",
-        "status.podIP": (pod.status.pod_ip if pod.status else "") or "", "status.hostIP": "127.0.0.1",
+        "metadata.name": meta.name,
+        "metadata.namespace": meta.namespace,
+        "metadata.uid": meta.uid,
+        "spec.nodeName": pod.spec.node_name,
+        "spec.serviceAccountName": pod.spec.service_account_name or "default",
+        "status.podIP": (pod.status.pod_ip if pod.status else "") or "",
+        "status.hostIP": "127.0.0.1",
     }
     if path.startswith("metadata.labels['"):
-        return (meta.labels or {}).get(path[len("metadata.labels['"):-2], "")
+        return (meta.labels or {}).get(path[len("metadata.labels['") : -2], "")
     if path.startswith("metadata.annotations['"):
-        return (meta.annotations or {}).get(path[len("metadata.annotations['"):-2], "")
+        return (meta.annotations or {}).get(path[len("metadata.annotations['") : -2], "")
     return str(values.get(path, ""))
 
 
@@ -112,8 +120,10 @@ def prepare(core: client.CoreV1Api, pod: client.V1Pod, pod_dir: Path, root: Path
             _projected(core, pod, folder, vol.projected.sources or [])
             read_only = True
         else:
-            raise ValueError(f"volume {vol.name!r}: this node agent supports emptyDir, hostPath, "
-                             "persistentVolumeClaim, configMap, secret and projected volumes")
+            raise ValueError(
+                f"volume {vol.name!r}: this node agent supports emptyDir, hostPath, "
+                "persistentVolumeClaim, configMap, secret and projected volumes"
+            )
         out[vol.name] = (folder, read_only)
     return out
 

@@ -6,7 +6,7 @@ these models, so a field documented here is what `kubectl explain` shows.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,22 +43,20 @@ ALLOWED_INDUCTOR_OPTIONS: frozenset[str] = frozenset(
 class Strict(BaseModel):
     """Base for resource parts: camelCase on the wire, unknown fields refused."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
-class ArchiveFormat(str, Enum):
+class ArchiveFormat(StrEnum):
     exported_program = "exported-program"
 
 
-class CompileMode(str, Enum):
+class CompileMode(StrEnum):
     aot = "aot"
     jit = "jit"
     eager = "eager"
 
 
-class InductorMode(str, Enum):
+class InductorMode(StrEnum):
     default = "default"
     reduce_overhead = "reduce-overhead"
     max_autotune = "max-autotune"
@@ -104,26 +102,27 @@ class CompileSpec(Strict):
 
     mode: Annotated[
         CompileMode,
-        Field(description="aot: AOTInductor once per target (default); jit: torch.compile in each replica; eager: no compile."),
+        Field(
+            description="aot: AOTInductor once per target (default); "
+            "jit: torch.compile in each replica; eager: no compile."
+        ),
     ] = CompileMode.aot
-    inductor_mode: Annotated[
-        InductorMode, Field(description="Inductor mode (default, max-autotune, ...).")
-    ] = InductorMode.default
-    dynamic_batch: Annotated[
-        DynamicBatch, Field(default_factory=DynamicBatch, description="Batch range compiled for.")
-    ]
+    inductor_mode: Annotated[InductorMode, Field(description="Inductor mode (default, max-autotune, ...).")] = (
+        InductorMode.default
+    )
+    dynamic_batch: Annotated[DynamicBatch, Field(default_factory=DynamicBatch, description="Batch range compiled for.")]
     options: Annotated[
         dict[str, bool | int | str],
-        Field(default_factory=dict, description="Inductor configs, from an allowed list (max_autotune, freezing, ...)."),
+        Field(
+            default_factory=dict, description="Inductor configs, from an allowed list (max_autotune, freezing, ...)."
+        ),
     ]
 
     @model_validator(mode="after")
     def _known_options(self) -> CompileSpec:
         unknown = sorted(set(self.options) - ALLOWED_INDUCTOR_OPTIONS)
         if unknown:
-            raise ValueError(
-                f"unknown compile option(s) {unknown}; allowed: {sorted(ALLOWED_INDUCTOR_OPTIONS)}"
-            )
+            raise ValueError(f"unknown compile option(s) {unknown}; allowed: {sorted(ALLOWED_INDUCTOR_OPTIONS)}")
         return self
 
 

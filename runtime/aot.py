@@ -33,9 +33,7 @@ def inductor_configs(spec: CompileSpec) -> dict[str, Any]:
 
 def compile_package(program: ExportedProgram, dest: Path, configs: dict[str, Any]) -> None:
     try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(dest), inductor_configs=configs
-        )
+        torch._inductor.aoti_compile_and_package(program, package_path=str(dest), inductor_configs=configs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise CompileError(f"AOTInductor compile failed: {exc.__class__.__name__}: {first}") from exc

@@ -31,8 +31,9 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, run: RunFn, max_batch: int, max_delay_s: float, max_queue: int,
-                 observe: ObserveFn | None = None) -> None:
+    def __init__(
+        self, run: RunFn, max_batch: int, max_delay_s: float, max_queue: int, observe: ObserveFn | None = None
+    ) -> None:
         self._run = run
         self._max_batch = max_batch
         self._max_delay = max_delay_s

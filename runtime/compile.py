@@ -80,8 +80,14 @@ def parse_args(argv: list[str] | None) -> CompileArgs:
     p.add_argument("--inductor-mode", default="default", choices=[m.value for m in InductorMode])
     p.add_argument("--batch-min", type=int, default=1)
     p.add_argument("--batch-max", type=int, default=32)
-    p.add_argument("--option", action="append", default=[], type=_option, metavar="NAME=VALUE",
-                   help="inductor config, repeatable (e.g. freezing=true)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="NAME=VALUE",
+        help="inductor config, repeatable (e.g. freezing=true)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--target", help="target name recorded in the key (GPU product or cpu); default: --device")
     p.add_argument("--cache", required=True, type=Path, help="cache folder; the artifact goes to <cache>/<key>/")
@@ -103,9 +109,19 @@ def parse_args(argv: list[str] | None) -> CompileArgs:
     except SpecError as exc:
         p.error(str(exc.errors()[0]["msg"]))
     return CompileArgs(
-        uri=a.uri, sha256=a.sha256, spec=spec, device=a.device, target=a.target or a.device,
-        cache_dir=a.cache, key=a.key, runtime_image=a.runtime_image, termination_log=a.termination_log,
-        max_archive_bytes=a.max_archive_bytes, pvc_root=a.pvc_root, atol=a.atol, rtol=a.rtol,
+        uri=a.uri,
+        sha256=a.sha256,
+        spec=spec,
+        device=a.device,
+        target=a.target or a.device,
+        cache_dir=a.cache,
+        key=a.key,
+        runtime_image=a.runtime_image,
+        termination_log=a.termination_log,
+        max_archive_bytes=a.max_archive_bytes,
+        pvc_root=a.pvc_root,
+        atol=a.atol,
+        rtol=a.rtol,
         validate_timeout=a.validate_timeout,
     )
 
@@ -131,8 +147,9 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         progress(f"artifact {args.key} is already in the cache; nothing to do")
         return Manifest.read(cache.artifact_dir(args.cache_dir, args.key))
     with step(f"fetch {args.uri}"):
-        fetched = fetch(args.uri, work / "archive.pt2", sha256=args.sha256,
-                        max_bytes=args.max_archive_bytes, pvc_root=args.pvc_root)
+        fetched = fetch(
+            args.uri, work / "archive.pt2", sha256=args.sha256, max_bytes=args.max_archive_bytes, pvc_root=args.pvc_root
+        )
         progress(f"fetched {fetched.size} bytes, sha256 {fetched.sha256}")
     key = args.key or cache_key(fetched.sha256, args.spec, args.target, args.runtime_image)
     progress(f"cache key {key}")
@@ -186,10 +203,13 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         manifest.write(staging)
         batches = validation_batches(batch.min, batch.max)
         with step(f"validate in a child process at batch sizes {batches}"):
-            validation = validate_in_child(staging, reference, args.device, batches,
-                                           args.atol, args.rtol, args.validate_timeout)
-            progress(f"max abs error {validation.max_abs_error:.3g}, max rel error "
-                     f"{validation.max_rel_error:.3g}, loader {validation.loader}")
+            validation = validate_in_child(
+                staging, reference, args.device, batches, args.atol, args.rtol, args.validate_timeout
+            )
+            progress(
+                f"max abs error {validation.max_abs_error:.3g}, max rel error "
+                f"{validation.max_rel_error:.3g}, loader {validation.loader}"
+            )
         manifest = manifest.model_copy(update={"validation": validation})
         manifest.write(staging)
         with step(f"publish {args.cache_dir / key}"):
@@ -205,15 +225,18 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
 
 def summary(manifest: Manifest, cache_dir: Path) -> str:
     """What the operator reads from the termination log on success (< 4 KiB)."""
-    return json.dumps({
-        "key": manifest.key,
-        "path": str(cache.artifact_dir(cache_dir, manifest.key)),
-        "sizeBytes": manifest.package_bytes,
-        "sha256": manifest.package_sha256,
-        "compileSeconds": manifest.compile_seconds,
-        "torchVersion": manifest.torch_version,
-        "deviceCapability": manifest.device_capability,
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "key": manifest.key,
+            "path": str(cache.artifact_dir(cache_dir, manifest.key)),
+            "sizeBytes": manifest.package_bytes,
+            "sha256": manifest.package_sha256,
+            "compileSeconds": manifest.compile_seconds,
+            "torchVersion": manifest.torch_version,
+            "deviceCapability": manifest.device_capability,
+        },
+        separators=(",", ":"),
+    )
 
 
 def write_termination(path: Path, message: str) -> None:

@@ -75,7 +75,10 @@ class DataPlane:
         assert self.model is not None
         model = self.model
         self.batcher = Batcher(
-            model.fn, self.max_rows(model), self.batching.max_delay_ms / 1000, self.batching.max_queue,
+            model.fn,
+            self.max_rows(model),
+            self.batching.max_delay_ms / 1000,
+            self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
         )
         self.batcher.start()
@@ -158,5 +161,6 @@ class DataPlane:
             response_outputs.append(out)
             if raw is not None:
                 chunks.append(raw)
-        return InferenceResponse(model_name=self.name, model_version="1", id=request.id,
-                                 outputs=response_outputs), chunks
+        return InferenceResponse(
+            model_name=self.name, model_version="1", id=request.id, outputs=response_outputs
+        ), chunks

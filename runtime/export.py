@@ -51,7 +51,7 @@ def signature_of(program: ExportedProgram) -> Signature:
     inputs = [_spec(n.name, n.meta.get("val"), batched=True) for n in _user_placeholders(program)]
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     values = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in output_node.args[0]]
-    user_outputs = values[-len(program.graph_signature.user_outputs):] if values else []
+    user_outputs = values[-len(program.graph_signature.user_outputs) :] if values else []
     outputs = [_spec(f"output{i}", v, batched=True) for i, v in enumerate(user_outputs)]
     if not inputs:
         raise ExportError("the exported program has no tensor inputs")

@@ -85,4 +85,3 @@ def fetch(uri: str, dest: Path, *, sha256: str | None, max_bytes: int, pvc_root:
     if sha256 and actual != sha256.lower():
         raise DigestMismatch(f"sha256 mismatch for {uri}: expected {sha256}, got {actual}")
     return Fetched(dest, actual, size)
-

@@ -106,7 +106,9 @@ def load_aot(folder: Path, device: str) -> LoadedModel:
     if fn is None:
         package = folder / PACKAGE_NAME
         if sha256_file(package) != manifest.package_sha256:
-            raise ArtifactMismatch(f"{package} does not match the sha256 in its manifest: the cached artifact is corrupt")
+            raise ArtifactMismatch(
+                f"{package} does not match the sha256 in its manifest: the cached artifact is corrupt"
+            )
         fn, loader = _package(package), "package"
     return LoadedModel(fn, manifest.signature, manifest.batch_max, loader, device)
 

@@ -77,7 +77,7 @@ async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, 
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
             raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
-        binary[inp.name] = body[offset:offset + size]
+        binary[inp.name] = body[offset : offset + size]
         offset += size
     if offset != len(body):
         raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
@@ -119,8 +119,11 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
         else:
             header = result.model_dump_json(exclude_none=True).encode()
             if chunks:
-                response = Response(header + b"".join(chunks), media_type="application/octet-stream",
-                                    headers={BINARY_HEADER: str(len(header))})
+                response = Response(
+                    header + b"".join(chunks),
+                    media_type="application/octet-stream",
+                    headers={BINARY_HEADER: str(len(header))},
+                )
             else:
                 response = Response(header, media_type="application/json")
         metrics.requests.labels(plane.name, str(response.status_code)).inc()
@@ -153,10 +156,16 @@ def model_loader(settings: ServeSettings) -> LoadedModel:
     from kiln.runtime.fetch import fetch
 
     local = Path("/tmp/kiln-serve-archive.pt2")
-    fetched = fetch(settings.archive, local, sha256=settings.archive_sha256 or None,
-                    max_bytes=8 << 30, pvc_root=Path(settings.pvc_root))
-    return loader.load_program(fetched.path, settings.device, settings.mode == "jit",
-                               settings.inductor_mode, settings.max_batch_size)
+    fetched = fetch(
+        settings.archive,
+        local,
+        sha256=settings.archive_sha256 or None,
+        max_bytes=8 << 30,
+        pvc_root=Path(settings.pvc_root),
+    )
+    return loader.load_program(
+        fetched.path, settings.device, settings.mode == "jit", settings.inductor_mode, settings.max_batch_size
+    )
 
 
 class App:
@@ -204,8 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = App(settings)
-    config = uvicorn.Config(app.api, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.graceful_seconds, access_log=False)
+    config = uvicorn.Config(
+        app.api,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.graceful_seconds,
+        access_log=False,
+    )
     app.server = uvicorn.Server(config)
     app.server.run()
     if app.failure:

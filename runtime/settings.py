@@ -31,7 +31,9 @@ def opt(default: object, doc: str) -> Any:
 @dataclass(frozen=True)
 class ServeSettings:
     model_name: str = opt("model", "Name the model is served under: /v2/models/{name}.")
-    mode: str = opt("aot", "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is.")
+    mode: str = opt(
+        "aot", "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is."
+    )
     artifact: str = opt("", "aot: the artifact folder `<cache>/<key>` holding manifest.json and model.pt2.")
     archive: str = opt("", "jit/eager: URI of the ExportedProgram archive.")
     archive_sha256: str = opt("", "jit/eager: expected sha256 of the archive.")
@@ -39,7 +41,9 @@ class ServeSettings:
     host: str = opt("0.0.0.0", "Address to bind.")
     port: int = opt(8080, "Port to bind.")
     max_batch_size: int = opt(32, "Most rows merged into one model call (capped by the artifact's compiled maximum).")
-    max_delay_ms: float = opt(2.0, "How long the first request of a batch waits for others; 0 merges only what is queued.")
+    max_delay_ms: float = opt(
+        2.0, "How long the first request of a batch waits for others; 0 merges only what is queued."
+    )
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")
     inductor_mode: str = opt("default", "jit: torch.compile mode.")
@@ -51,7 +55,9 @@ class ServeSettings:
 
 
 def parse_settings(argv: list[str] | None) -> ServeSettings:
-    parser = argparse.ArgumentParser(prog="kiln-serve", description="Serve a model over the Open Inference Protocol v2.")
+    parser = argparse.ArgumentParser(
+        prog="kiln-serve", description="Serve a model over the Open Inference Protocol v2."
+    )
     for f in fields(ServeSettings):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)

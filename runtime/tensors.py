@@ -45,7 +45,9 @@ def _flatten(data: object) -> list[object]:
 def from_rest(inp: RequestInput, binary: bytes | None) -> torch.Tensor:
     """A request tensor as torch, from JSON `data` or from its binary slice."""
     if inp.datatype not in DATATYPES:
-        raise InvalidInput(f"input {inp.name!r}: unknown datatype {inp.datatype!r}; expected one of {sorted(DATATYPES)}")
+        raise InvalidInput(
+            f"input {inp.name!r}: unknown datatype {inp.datatype!r}; expected one of {sorted(DATATYPES)}"
+        )
     _, np_dtype = DATATYPES[inp.datatype]
     count = int(np.prod(inp.shape)) if inp.shape else 1
     if binary is not None:

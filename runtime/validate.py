@@ -21,15 +21,26 @@ from kiln.runtime.errors import ValidationError
 def validate_in_child(
     artifact: Path, program: Path, device: str, batches: list[int], atol: float, rtol: float, timeout: float
 ) -> Validation:
-    cmd = [sys.executable, "-m", "kiln.runtime.validate", str(artifact), str(program), device,
-           ",".join(map(str, batches)), str(atol), str(rtol)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln.runtime.validate",
+        str(artifact),
+        str(program),
+        device,
+        ",".join(map(str, batches)),
+        str(atol),
+        str(rtol),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ValidationError(f"loading the artifact did not finish within {timeout:.0f} s") from exc
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
-        raise ValidationError(f"loading the compiled artifact crashed the process ({name}); it would crash every replica")
+        raise ValidationError(
+            f"loading the compiled artifact crashed the process ({name}); it would crash every replica"
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -77,8 +77,9 @@ def dump_logs(cluster: LocalCluster, tail: int = 30) -> None:
 def kube(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Kube]:
     ns = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", ns)
-    Kube(cluster, ns).wait_for(lambda: Kube(cluster, ns).get("serviceaccount", "default"), 20,
-                               message="default service account")
+    Kube(cluster, ns).wait_for(
+        lambda: Kube(cluster, ns).get("serviceaccount", "default"), 20, message="default service account"
+    )
     yield Kube(cluster, ns)
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:

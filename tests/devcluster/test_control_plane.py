@@ -83,8 +83,11 @@ spec:
 
 def test_deployment_scales_to_three_ready_pods_and_gc_removes_children(kube: Kube) -> None:
     kube.apply(DEPLOYMENT)
-    kube.wait_for(lambda: (kube.get("deployment", "web") or {}).get("status", {}).get("readyReplicas") == 3,
-                  60, message="3 ready replicas")
+    kube.wait_for(
+        lambda: (kube.get("deployment", "web") or {}).get("status", {}).get("readyReplicas") == 3,
+        60,
+        message="3 ready replicas",
+    )
     replicasets = kube.get("replicasets", "-l", "app=web")["items"]
     assert len(replicasets) == 1
     assert replicasets[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
@@ -92,12 +95,21 @@ def test_deployment_scales_to_three_ready_pods_and_gc_removes_children(kube: Kub
     assert len(ips) == 3  # each pod has its own address
 
     kube.run("delete", "deployment", "web", "--cascade=background")
-    kube.wait_for(lambda: not kube.get("replicasets", "-l", "app=web")["items"]
-                  and not kube.get("pods", "-l", "app=web")["items"], 60, message="garbage collection")
+    kube.wait_for(
+        lambda: (
+            not kube.get("replicasets", "-l", "app=web")["items"] and not kube.get("pods", "-l", "app=web")["items"]
+        ),
+        60,
+        message="garbage collection",
+    )
 
 
 def test_crd_schema_rejects_an_invalid_object_with_the_api_servers_message(kube: Kube) -> None:
-    kube.cluster.kubectl("apply", "-f", "-", input="""
+    kube.cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input="""
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: widgets.test.kiln.dev}
@@ -118,7 +130,8 @@ spec:
             required: [size]
             properties:
               size: {type: integer, minimum: 1, maximum: 10}
-""")
+""",
+    )
     kube.wait_for(lambda: kube.run("get", "widgets", check=False).returncode == 0, 30, message="CRD served")
     bad = kube.apply("apiVersion: test.kiln.dev/v1\nkind: Widget\nmetadata: {name: w}\nspec: {size: 50}\n")
     assert bad.returncode != 0
@@ -128,7 +141,8 @@ spec:
 
 
 def test_pod_with_gpu_node_selector_lands_only_on_the_gpu_node(kube: Kube) -> None:
-    pods = "".join(f"""
+    pods = "".join(
+        f"""
 ---
 apiVersion: v1
 kind: Pod
@@ -140,12 +154,22 @@ spec:
   - name: main
     image: busybox
     command: [sh, -c, "true"]
-""" for i in range(3))
+"""
+        for i in range(3)
+    )
     assert kube.apply(pods).returncode == 0
-    placed = kube.wait_for(lambda: [p["spec"].get("nodeName") for p in kube.get("pods", "-l", "app=gpu")["items"]
-                                    if p["spec"].get("nodeName")], 30, message="scheduling")
-    kube.wait_for(lambda: len([p for p in kube.get("pods", "-l", "app=gpu")["items"]
-                               if p["spec"].get("nodeName")]) == 3, 30, message="all scheduled")
+    placed = kube.wait_for(
+        lambda: [
+            p["spec"].get("nodeName") for p in kube.get("pods", "-l", "app=gpu")["items"] if p["spec"].get("nodeName")
+        ],
+        30,
+        message="scheduling",
+    )
+    kube.wait_for(
+        lambda: len([p for p in kube.get("pods", "-l", "app=gpu")["items"] if p["spec"].get("nodeName")]) == 3,
+        30,
+        message="all scheduled",
+    )
     placed = [p["spec"]["nodeName"] for p in kube.get("pods", "-l", "app=gpu")["items"]]
     assert placed == ["gpu-0"] * 3
 
@@ -159,9 +183,11 @@ spec:
   nodeSelector: {nvidia.com/gpu.product: NVIDIA-B200}
   containers: [{name: main, image: busybox, command: [sleep, "60"]}]
 """)
+
     def unschedulable() -> bool:
         conds = (kube.get("pod", "nowhere") or {}).get("status", {}).get("conditions", [])
         return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conds)
+
     kube.wait_for(unschedulable, 30, message="Unschedulable condition")
 
 
