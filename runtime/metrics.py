@@ -55,6 +55,9 @@ class Metrics:
         self.warmup_seconds = Gauge(
             "kiln_model_warmup_seconds", "Seconds of warm-up inference.", ["model"], registry=self.registry
         )
+        self.inflight = Gauge(
+            "kiln_inflight_requests", "Inference requests being handled.", ["model"], registry=self.registry
+        )
         self.queue_depth = Gauge(
             "kiln_queue_depth", "Requests waiting for the model.", ["model"], registry=self.registry
         )

@@ -107,25 +107,31 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
         plane.check_name(name)
         return Response(status_code=200 if plane.ready else 503)
 
-    @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
-        start = time.perf_counter()
+    async def handle_infer(name: str, request: Request) -> Response:
         try:
             plane.check_name(name)
             parsed, binary = await read_request(request, settings.max_body_bytes)
             result, chunks = await plane.infer(parsed, binary)
         except KilnError as exc:
-            response: Response = error_response(exc)
-        else:
-            header = result.model_dump_json(exclude_none=True).encode()
-            if chunks:
-                response = Response(
-                    header + b"".join(chunks),
-                    media_type="application/octet-stream",
-                    headers={BINARY_HEADER: str(len(header))},
-                )
-            else:
-                response = Response(header, media_type="application/json")
+            return error_response(exc)
+        header = result.model_dump_json(exclude_none=True).encode()
+        if not chunks:
+            return Response(header, media_type="application/json")
+        return Response(
+            header + b"".join(chunks),
+            media_type="application/octet-stream",
+            headers={BINARY_HEADER: str(len(header))},
+        )
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        start = time.perf_counter()
+        inflight = metrics.inflight.labels(plane.name)
+        inflight.inc()
+        try:
+            response = await handle_infer(name, request)
+        finally:
+            inflight.dec()
         metrics.requests.labels(plane.name, str(response.status_code)).inc()
         metrics.latency.labels(plane.name).observe(time.perf_counter() - start)
         return response

@@ -40,8 +40,13 @@ def free_port() -> int:
 
 
 def compile_cmd(archive: Path, cache: Path, term: Path, *extra: str) -> list[str]:
-    return [str(BIN / "kiln-compile"), f"--uri=file://{archive}", f"--cache={cache}",
-            f"--termination-log={term}", *extra]
+    return [
+        str(BIN / "kiln-compile"),
+        f"--uri=file://{archive}",
+        f"--cache={cache}",
+        f"--termination-log={term}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +63,15 @@ def compiled(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     procs = {}
     for name, archive in archives.items():
         term = cache.parent / f"{name}.term"
-        procs[name] = (subprocess.Popen(compile_cmd(archive, cache, term, f"--batch-max={batch_max[name]}"),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), term)
+        procs[name] = (
+            subprocess.Popen(
+                compile_cmd(archive, cache, term, f"--batch-max={batch_max[name]}"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            term,
+        )
     out = {}
     for name, (proc, term) in procs.items():
         log, _ = proc.communicate(timeout=600)
@@ -89,8 +101,12 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def start(*args: str, wait_ready: bool = True, timeout: float = 120) -> Server:
         port = free_port()
         log = tmp_path / f"serve-{port}.log"
-        proc = subprocess.Popen([str(BIN / "kiln-serve"), "--host=127.0.0.1", f"--port={port}", *args],
-                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(BIN / "kiln-serve"), "--host=127.0.0.1", f"--port={port}", *args],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         server = Server(proc, f"http://127.0.0.1:{port}", log)
         started.append(server)
         deadline = time.monotonic() + timeout

@@ -49,7 +49,9 @@ def test_compile_of_a_key_already_in_the_cache_does_nothing(compiled: dict[str, 
     assert (art.folder / "manifest.json").stat().st_mtime_ns == before
 
 
-def test_digest_mismatch_fails_with_the_reason_in_the_termination_log(archives: dict[str, Path], tmp_path: Path) -> None:
+def test_digest_mismatch_fails_with_the_reason_in_the_termination_log(
+    archives: dict[str, Path], tmp_path: Path
+) -> None:
     proc, term = run_compile(archives["mlp"], tmp_path / "cache", tmp_path, "--sha256=" + "0" * 64)
     assert proc.returncode == 1
     assert term.startswith("DigestMismatch: sha256 mismatch") and "expected 000" in term
@@ -68,9 +70,15 @@ def test_digest_mismatch_fails_with_the_reason_in_the_termination_log(archives: 
 def test_unfetchable_archives_fail_with_one_clear_line(uri: str, expected: str, tmp_path: Path) -> None:
     term = tmp_path / "term"
     proc = subprocess.run(
-        [*compile_cmd(Path("/unused"), tmp_path, term)[:1], f"--uri={uri}", f"--cache={tmp_path}",
-         f"--termination-log={term}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            *compile_cmd(Path("/unused"), tmp_path, term)[:1],
+            f"--uri={uri}",
+            f"--cache={tmp_path}",
+            f"--termination-log={term}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert expected in term.read_text()
