@@ -87,6 +87,12 @@ class ArchiveSpec(Strict):
 class DynamicBatch(Strict):
     """Range of the batch dimension the compiled model accepts."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": "self.min <= self.max", "message": "min must not exceed max"}]
+        }
+    )
+
     min: Annotated[int, Field(ge=1, le=4096, description="Smallest batch size.")] = 1
     max: Annotated[int, Field(ge=1, le=4096, description="Largest batch size.")] = 32
 
@@ -112,9 +118,18 @@ class CompileSpec(Strict):
     )
     dynamic_batch: Annotated[DynamicBatch, Field(default_factory=DynamicBatch, description="Batch range compiled for.")]
     options: Annotated[
-        dict[str, bool | int | str],
+        dict[str, str],
         Field(
-            default_factory=dict, description="Inductor configs, from an allowed list (max_autotune, freezing, ...)."
+            default_factory=dict,
+            description="Inductor configs as strings ('true', '8'), from an allowed list (max_autotune, freezing, ...).",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "self.all(k, k in " + str(sorted(ALLOWED_INDUCTOR_OPTIONS)).replace("'", '"') + ")",
+                        "message": "unknown compile option; allowed: " + ", ".join(sorted(ALLOWED_INDUCTOR_OPTIONS)),
+                    }
+                ]
+            },
         ),
     ]
 
@@ -126,6 +141,195 @@ class CompileSpec(Strict):
         return self
 
 
+    def typed_options(self) -> dict[str, bool | int | str]:
+        """Options as inductor wants them: 'true'/'false' → bool, digits → int."""
+        return {k: parse_option_value(v) for k, v in self.options.items()}
+
+
+def parse_option_value(raw: str) -> bool | int | str:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lstrip("-").isdigit():
+        return int(raw)
+    return raw
+
+
 def json_ready(model: BaseModel) -> dict[str, Any]:
     """The camelCase JSON form of a model, as stored in the API server."""
     return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- TorchModel ---------------------------------------------------------------------------------
+
+GPU_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+CPU_TARGET = "cpu"
+
+
+class Target(Strict):
+    """One hardware target: an artifact is compiled for it and pods are pinned to it."""
+
+    gpu: Annotated[
+        str,
+        Field(
+            pattern=GPU_PATTERN,
+            max_length=63,
+            description="GPU product as the node label gives it (e.g. NVIDIA-H100-80GB-HBM3), or 'cpu'.",
+        ),
+    ]
+    replicas: Annotated[int, Field(ge=0, le=512, description="Serving pods for this target.")] = 1
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.gpu == CPU_TARGET
+
+
+class Batching(Strict):
+    """Dynamic batching in each serving pod."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=4096, description="Most rows merged into one model call.")] = 32
+    max_delay_ms: Annotated[
+        float, Field(ge=0, le=10_000, description="How long a request waits for others to batch with.")
+    ] = 2.0
+    max_queue: Annotated[
+        int, Field(ge=1, le=100_000, description="Waiting requests beyond which new ones get 503 and Retry-After.")
+    ] = 256
+
+
+class Threads(Strict):
+    """torch thread pools of each serving pod; 0 means from the pod's CPU limit."""
+
+    intra_op: Annotated[int, Field(ge=0, le=256, description="torch.set_num_threads; 0: the CPU limit.")] = 0
+    inter_op: Annotated[int, Field(ge=0, le=256, description="torch.set_num_interop_threads; 0: default.")] = 0
+
+
+class RolloutStrategy(StrEnum):
+    surge = "Surge"
+    one_at_a_time = "OneAtATime"
+
+
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+ResourceMap = dict[Annotated[str, Field(pattern=r"^(cpu|memory|ephemeral-storage)$")], Annotated[str, Field(pattern=QUANTITY)]]
+
+
+class Resources(Strict):
+    """Requests and limits of each serving container (GPUs are added per target)."""
+
+    requests: Annotated[ResourceMap, Field(default_factory=dict, description="cpu, memory, ephemeral-storage.")]
+    limits: Annotated[ResourceMap, Field(default_factory=dict, description="cpu, memory, ephemeral-storage.")]
+
+
+class Serving(Strict):
+    """How serving pods run."""
+
+    batching: Annotated[Batching, Field(default_factory=Batching, description="Dynamic batching.")]
+    threads: Annotated[Threads, Field(default_factory=Threads, description="torch thread pools.")]
+    resources: Annotated[Resources, Field(default_factory=Resources, description="Container resources.")]
+    rollout: Annotated[
+        RolloutStrategy,
+        Field(
+            description="Surge: new pods start before old ones stop (needs spare GPUs); "
+            "OneAtATime: no surge, one pod replaced at a time (for GPU-scarce clusters)."
+        ),
+    ] = RolloutStrategy.surge
+    startup_seconds: Annotated[
+        int, Field(ge=10, le=7200, description="Longest a pod may take to load and warm up before it is restarted.")
+    ] = 300
+
+
+class TorchModelSpec(Strict):
+    archive: Annotated[ArchiveSpec, Field(description="The model archive.")]
+    compile: Annotated[CompileSpec, Field(default_factory=CompileSpec, description="How the model is compiled.")]
+    targets: Annotated[
+        list[Target],
+        Field(
+            min_length=1,
+            max_length=16,
+            description="Hardware targets; one artifact and one Deployment each.",
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["gpu"]},
+        ),
+    ]
+    serving: Annotated[Serving, Field(default_factory=Serving, description="Serving pods.")]
+
+
+class Condition(Strict):
+    """A standard Kubernetes condition."""
+
+    type: str
+    status: Annotated[str, Field(description="True, False or Unknown.")]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class TargetStatus(Strict):
+    gpu: str
+    key: Annotated[str | None, Field(description="Cache key of the artifact this target needs.")] = None
+    artifact: Annotated[str | None, Field(description="CompiledArtifact name.")] = None
+    phase: Annotated[str, Field(description="Artifact phase: Pending, Compiling, Ready, Failed, or NotNeeded.")]
+    serving_key: Annotated[str | None, Field(description="Cache key the serving pods run now.")] = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    url: str | None = None
+    message: str = ""
+
+
+class TorchModelStatus(Strict):
+    observed_generation: int | None = None
+    phase: Annotated[str | None, Field(description="Summary: Compiling, Progressing, Ready, Failed.")] = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    url: Annotated[str | None, Field(description="In-cluster URL of the first target's v2 model endpoint.")] = None
+    targets: list[TargetStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class TorchModel(Strict):
+    """A PyTorch model compiled once per hardware target and served over the Open Inference Protocol."""
+
+    api_version: str = API_VERSION
+    kind: str = "TorchModel"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: TorchModelSpec
+    status: TorchModelStatus | None = None
+
+
+# --- CompiledArtifact ------------------------------------------------------------------------------
+
+
+class ArtifactPhase(StrEnum):
+    pending = "Pending"
+    compiling = "Compiling"
+    ready = "Ready"
+    failed = "Failed"
+
+
+class CompiledArtifactSpec(Strict):
+    key: Annotated[str, Field(pattern=SHA256_PATTERN, description="Cache key: sha256 of all compile inputs.")]
+    archive: ArchiveSpec
+    compile: CompileSpec
+    target: Annotated[str, Field(pattern=GPU_PATTERN, description="GPU product or 'cpu'.")]
+    runtime_image: Annotated[str, Field(max_length=512, description="Image that compiles and serves it.")]
+
+
+class CompiledArtifactStatus(Strict):
+    phase: ArtifactPhase = ArtifactPhase.pending
+    path: str | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    compile_seconds: float | None = None
+    torch_version: str | None = None
+    job: str | None = None
+    message: str = ""
+    used_by: Annotated[list[str], Field(default_factory=list, description="TorchModels that use this artifact.")]
+    unused_since: Annotated[str | None, Field(description="When the last TorchModel stopped using it.")] = None
+
+
+class CompiledArtifact(Strict):
+    """One compiled artifact per cache key, shared by every TorchModel that needs it."""
+
+    api_version: str = API_VERSION
+    kind: str = "CompiledArtifact"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: CompiledArtifactSpec
+    status: CompiledArtifactStatus | None = None

@@ -28,7 +28,7 @@ RUNNER_SUFFIXES = (".so", ".cubin", ".hsaco", ".fatbin")
 
 def inductor_configs(spec: CompileSpec) -> dict[str, Any]:
     """Inductor configs for a compile spec: the mode's presets, then the user's options."""
-    return {**MODE_CONFIGS[spec.inductor_mode], **spec.options}
+    return {**MODE_CONFIGS[spec.inductor_mode], **spec.typed_options()}
 
 
 def compile_package(program: ExportedProgram, dest: Path, configs: dict[str, Any]) -> None:

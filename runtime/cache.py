@@ -7,7 +7,10 @@ two compiles of the same key never write into the same folder.
 
 from __future__ import annotations
 
+import argparse
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,3 +42,28 @@ def publish(staging: Path, cache: Path, key: str) -> bool:
             raise
         shutil.rmtree(staging, ignore_errors=True)
         return False
+
+
+def remove(cache: Path, key: str) -> None:
+    """Delete an artifact and any staging folder of its key (the operator's cache GC Job)."""
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise ValueError(f"not a cache key: {key!r}")
+    for folder in [artifact_dir(cache, key), *cache.glob(f".staging-{key}-*")]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kiln-cache remove --cache DIR --key KEY`."""
+    parser = argparse.ArgumentParser(prog="kiln-cache", description="Manage Kiln's artifact cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rm = sub.add_parser("remove", help="delete one artifact")
+    rm.add_argument("--cache", type=Path, required=True)
+    rm.add_argument("--key", required=True)
+    args = parser.parse_args(argv)
+    remove(args.cache, args.key)
+    print(f"removed {args.cache / args.key}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,14 +62,9 @@ def step(name: str) -> Iterator[None]:
     progress(f"{name} done in {time.monotonic() - start:.2f} s")
 
 
-def _option(text: str) -> tuple[str, bool | int | str]:
+def _option(text: str) -> tuple[str, str]:
     name, _, raw = text.partition("=")
-    value: bool | int | str = raw
-    if raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    elif raw.lstrip("-").isdigit():
-        value = int(raw)
-    return name, value
+    return name, raw
 
 
 def parse_args(argv: list[str] | None) -> CompileArgs:

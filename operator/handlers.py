@@ -1,0 +1,260 @@
+"""kopf glue: thin handlers that parse, call the pure reconcile, apply its result and patch status.
+
+Handlers layer. Level-triggered: create, update, resume and a timer all run the
+same idempotent functions. What they observe comes from kopf indexes (in-memory
+views kept by watches), so a reconcile reads nothing from the API server and
+writes only what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from kiln.api import (
+    API_VERSION,
+    GROUP,
+    VERSION,
+    CompiledArtifact,
+    CompiledArtifactStatus,
+    Condition,
+    TorchModel,
+    TorchModelStatus,
+    json_ready,
+)
+from kiln.operator import children, naming
+from kiln.operator.k8s import Cluster, plain
+from kiln.operator.reconcile import (
+    ObservedTarget,
+    expired,
+    plan_targets,
+    reconcile_artifact,
+    reconcile_model,
+    unschedulable,
+)
+from kiln.operator.settings import OperatorSettings
+
+log = logging.getLogger("kiln.operator")
+MANAGED = {"app.kubernetes.io/managed-by": "kiln"}
+TM = {"group": GROUP, "version": VERSION, "plural": "torchmodels"}
+CA = {"group": GROUP, "version": VERSION, "plural": "compiledartifacts"}
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def first(index: kopf.Index[Any, Any], key: Any) -> Any:
+    for value in index.get(key, []):
+        return value
+    return None
+
+
+def parse_model(body: kopf.Body) -> TorchModel:
+    raw = plain(body)
+    status = None
+    try:
+        status = TorchModelStatus.model_validate(raw.get("status") or {})
+    except ValidationError:
+        pass  # a status we cannot read is rebuilt from scratch
+    return TorchModel(metadata=raw["metadata"], spec=raw["spec"], status=status)
+
+
+def parse_artifact(body: kopf.Body) -> CompiledArtifact:
+    raw = plain(body)
+    status = None
+    with contextlib.suppress(ValidationError):
+        status = CompiledArtifactStatus.model_validate(raw.get("status") or {})
+    return CompiledArtifact(metadata=raw["metadata"], spec=raw["spec"], status=status)
+
+
+def invalid_spec(patch: kopf.Patch, body: kopf.Body, error: ValidationError) -> kopf.PermanentError:
+    """Report a spec the schema let through but the models refuse (e.g. a CEL-free rule)."""
+    first_error = error.errors()[0]
+    where = ".".join(str(p) for p in first_error["loc"])
+    message = f"spec.{where}: {first_error['msg']}"
+    condition = Condition(
+        type="Ready", status="False", reason="InvalidSpec", message=message, last_transition_time=now()
+    )
+    patch.status["phase"] = "Failed"
+    patch.status["conditions"] = [json_ready(condition)]
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+    return kopf.PermanentError(message)
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluster: Cluster) -> None:
+    """Register every handler and index on `registry`, bound to these settings."""
+    claims: set[str] = set()
+
+    def ensure_cache_claim(namespace: str) -> None:
+        if settings.cache_create and namespace not in claims:
+            cluster.create_if_missing(children.cache_claim(namespace, settings))
+            claims.add(namespace)
+
+    # -- indexes: what the reconcilers observe ------------------------------------------------------
+    @kopf.index(**CA, registry=registry)
+    def artifacts(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): plain(body.get("status") or {})}
+
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    def deployments(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): plain(body)}
+
+    @kopf.index("v1", "services", labels=MANAGED, registry=registry)
+    def services(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): plain(body)}
+
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry)
+    def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): plain(body)}
+
+    @kopf.index("v1", "pods", labels=MANAGED, registry=registry)
+    def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        owner = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
+        if owner is None:
+            owner = f"{labels.get(naming.MODEL_LABEL)}/{labels.get(naming.TARGET_LABEL)}"
+        return {(namespace, owner): plain(body)}
+
+    @kopf.index(**TM, registry=registry)
+    def users(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        try:
+            model = TorchModel(metadata=plain(body.metadata), spec=plain(body.spec))
+        except ValidationError:
+            return {}
+        return {(namespace, p.artifact): name for p in plan_targets(model, settings) if p.artifact}
+
+    # -- TorchModel ----------------------------------------------------------------------------------
+    def reconcile_torchmodel(
+        body: kopf.Body,
+        namespace: str,
+        uid: str,
+        patch: kopf.Patch,
+        artifacts: kopf.Index[Any, Any],
+        deployments: kopf.Index[Any, Any],
+        services: kopf.Index[Any, Any],
+        pods: kopf.Index[Any, Any],
+        **_: Any,
+    ) -> None:
+        try:
+            model = parse_model(body)
+        except ValidationError as exc:
+            raise invalid_spec(patch, body, exc) from exc
+        observed = {}
+        for planned in plan_targets(model, settings):
+            child = naming.child_name(model.metadata["name"], planned.target.gpu)
+            art = first(artifacts, (namespace, planned.artifact)) if planned.artifact else None
+            pod_bodies = list(pods.get((namespace, naming.compile_job_name(planned.key)), [])) if planned.key else []
+            selector = f"{naming.label_value(model.metadata['name'])}/{naming.slug(planned.target.gpu)[:63]}"
+            pod_bodies += list(pods.get((namespace, selector), []))
+            observed[planned.target.gpu] = ObservedTarget(
+                artifact=CompiledArtifactStatus.model_validate(art) if art is not None else None,
+                deployment=first(deployments, (namespace, child)),
+                unschedulable=unschedulable(pod_bodies),
+            )
+        result = reconcile_model(model, observed, uid, settings, now())
+        if result.artifacts or result.deployments:
+            ensure_cache_claim(namespace)
+        for art_body in result.artifacts:
+            if first(artifacts, (namespace, art_body["metadata"]["name"])) is None:
+                cluster.create_if_missing(art_body)
+        for dep in result.deployments:
+            cluster.apply(dep, first(deployments, (namespace, dep["metadata"]["name"])))
+        for svc in result.services:
+            cluster.apply(svc, first(services, (namespace, svc["metadata"]["name"])))
+        status = json_ready(result.status)
+        if status != plain(body.get("status") or {}):
+            patch.status.update(status)
+        for kind, reason, message in result.events:
+            kopf.event(body, type=kind, reason=reason, message=message)
+
+    for decorator in (
+        kopf.on.create(**TM, registry=registry),
+        kopf.on.update(**TM, registry=registry),
+        kopf.on.resume(**TM, registry=registry),
+        kopf.timer(**TM, interval=settings.resync_seconds, sharp=False, registry=registry),
+    ):
+        decorator(reconcile_torchmodel)
+
+    # -- CompiledArtifact ------------------------------------------------------------------------------
+    def reconcile_compiledartifact(
+        body: kopf.Body,
+        namespace: str,
+        name: str,
+        uid: str,
+        patch: kopf.Patch,
+        jobs: kopf.Index[Any, Any],
+        pods: kopf.Index[Any, Any],
+        users: kopf.Index[Any, Any],
+        **_: Any,
+    ) -> None:
+        if body.metadata.get("deletionTimestamp"):
+            return
+        art = parse_artifact(body)
+        job_name = naming.compile_job_name(art.spec.key)
+        job = first(jobs, (namespace, job_name))
+        result = reconcile_artifact(
+            art,
+            job,
+            list(pods.get((namespace, job_name), [])),
+            sorted(set(users.get((namespace, name), []))),
+            uid,
+            settings,
+            now(),
+        )
+        if result.job is not None and job is None:
+            ensure_cache_claim(namespace)
+            cluster.create_if_missing(result.job)
+        status = json_ready(result.status)
+        if status != plain(body.get("status") or {}):
+            patch.status.update(status)
+        if result.event:
+            kind, reason, message = result.event
+            kopf.event(body, type=kind, reason=reason, message=message)
+        if expired(result.status, datetime.now(UTC), settings.artifact_gc_grace_seconds):
+            log.info("artifact %s/%s unused for %d s: deleting it", namespace, name, settings.artifact_gc_grace_seconds)
+            cluster.delete(API_VERSION, "CompiledArtifact", namespace, name)
+
+    for decorator in (
+        kopf.on.create(**CA, registry=registry),
+        kopf.on.resume(**CA, registry=registry),
+        kopf.timer(**CA, interval=settings.resync_seconds, sharp=False, registry=registry),
+    ):
+        decorator(reconcile_compiledartifact)
+
+    @kopf.on.delete(**CA, registry=registry)
+    def remove_artifact(
+        body: kopf.Body, namespace: str, name: str, users: kopf.Index[Any, Any], jobs: kopf.Index[Any, Any], **_: Any
+    ) -> None:
+        """The finalizer: refuse while a TorchModel uses it, then remove its cache folder."""
+        used = sorted(set(users.get((namespace, name), [])))
+        if used:
+            raise kopf.TemporaryError(f"still used by TorchModel(s) {used}; delete them first", delay=10)
+        key = str(body.spec["key"])
+        runtime_image = str(body.spec.get("runtimeImage", settings.runtime_image))
+        gc = children.cache_gc_job(key, namespace, runtime_image, settings)
+        job = first(jobs, (namespace, gc["metadata"]["name"]))
+        if job is None:
+            cluster.create_if_missing(gc)
+            raise kopf.TemporaryError("removing the cache folder", delay=2)
+        if (job.get("status") or {}).get("succeeded"):
+            log.info("removed cache folder of %s", key)
+            return
+        raise kopf.TemporaryError("waiting for the cache folder removal", delay=2)
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's own settings: progress in annotations (our status schema has no room for kopf's)."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.peering.name = "kiln"
+    settings.peering.mandatory = False
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8

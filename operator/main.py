@@ -1,0 +1,42 @@
+"""`kiln-operator`: run the handlers with kopf.
+
+Entry point: settings are parsed here (KILN_* environment), never at import.
+KILN_WATCH_NAMESPACES=ns1,ns2 limits the operator to those namespaces (the
+chart's namespaced mode); otherwise it watches the whole cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import kopf
+
+from kiln.operator import handlers
+from kiln.operator.k8s import Cluster
+from kiln.operator.settings import OperatorSettings
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = OperatorSettings()
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, settings, Cluster())
+    kopf_settings = kopf.OperatorSettings()
+    handlers.configure(kopf_settings)
+    namespaces = [n for n in os.environ.get("KILN_WATCH_NAMESPACES", "").split(",") if n]
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=os.environ.get("KILN_STANDALONE", "") == "true",
+        peering_name="kiln",
+        liveness_endpoint=os.environ.get("KILN_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
