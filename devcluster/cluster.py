@@ -84,6 +84,8 @@ class LocalCluster:
         self.api_port = free_port()
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.kubeconfig = self.root / "kubeconfig"
+        # Pod folders live outside /tmp: pods mount an emptyDir at /tmp, which would hide them.
+        self.agent_root = Path(tempfile.mkdtemp(prefix="kiln-agent-", dir="/var/tmp"))
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -183,13 +185,14 @@ class LocalCluster:
                     proc.wait()
         if self.root and not self.keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
+            shutil.rmtree(self.agent_root, ignore_errors=True)
 
     def start_agent(
         self, nodes: list[dict[str, object]], images: dict[str, str] | None = None, timeout: float = 30
     ) -> None:
         """Start the node agent for these nodes and wait until they are Ready."""
         assert self.root is not None
-        args = [f"--root={self.root / 'agent'}", f"--kubeconfig={self.kubeconfig}"]
+        args = [f"--root={self.agent_root}", f"--kubeconfig={self.kubeconfig}"]
         args += [f"--node={json.dumps(n)}" for n in nodes]
         args += [f"--image={k}={v}" for k, v in (images or {}).items()]
         self.spawn_python("node-agent", "kiln.devcluster.agent", args)
@@ -213,7 +216,7 @@ class LocalCluster:
     def stop_node(self, name: str, stopped: bool = True) -> None:
         """Make a node stop reporting (its pods die), or bring it back."""
         assert self.root is not None
-        marker = self.root / "agent" / "control" / f"{name}.stop"
+        marker = self.agent_root / "control" / f"{name}.stop"
         if stopped:
             marker.touch()
         else:

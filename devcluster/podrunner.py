@@ -53,6 +53,12 @@ def expand(text: str, env: dict[str, str]) -> str:
     return VAR_REF.sub(sub, text)
 
 
+def shadows(mount: volumes.Mount, mounts: list[volumes.Mount]) -> bool:
+    """True when mounting `mount` would hide the source folder of another mount (so it goes last)."""
+    prefix = mount.path.rstrip("/") + "/"
+    return any(str(m.host).startswith(prefix) for m in mounts if m is not mount)
+
+
 @dataclass
 class Probe:
     spec: Any
@@ -200,7 +206,7 @@ class PodRunner(threading.Thread):
         mounts = volumes.mounts_for(c.spec, self.volumes)
         mounts.append(volumes.Mount(c.termination, c.spec.termination_message_path or "/dev/termination-log", False))
         lines = []
-        for m in sorted(mounts, key=lambda m: m.path.count("/")):
+        for m in sorted(mounts, key=lambda m: (shadows(m, mounts), m.path.count("/"))):
             make = f"touch {shlex.quote(m.path)}" if m.host.is_file() else f"mkdir -p {shlex.quote(m.path)}"
             ro = "-o ro " if m.read_only else ""
             lines.append(f"{make} && mount --bind {ro}{shlex.quote(str(m.host))} {shlex.quote(m.path)}")

@@ -118,9 +118,10 @@ class CompileSpec(Strict):
     )
     dynamic_batch: Annotated[DynamicBatch, Field(default_factory=DynamicBatch, description="Batch range compiled for.")]
     options: Annotated[
-        dict[str, str],
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=64)]],
         Field(
             default_factory=dict,
+            max_length=16,
             description="Inductor configs as strings ('true', '8'), from an allowed list (max_autotune, freezing, ...).",
             json_schema_extra={
                 "x-kubernetes-validations": [
@@ -139,7 +140,6 @@ class CompileSpec(Strict):
         if unknown:
             raise ValueError(f"unknown compile option(s) {unknown}; allowed: {sorted(ALLOWED_INDUCTOR_OPTIONS)}")
         return self
-
 
     def typed_options(self) -> dict[str, bool | int | str]:
         """Options as inductor wants them: 'true'/'false' → bool, digits → int."""
@@ -208,7 +208,9 @@ class RolloutStrategy(StrEnum):
 
 
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
-ResourceMap = dict[Annotated[str, Field(pattern=r"^(cpu|memory|ephemeral-storage)$")], Annotated[str, Field(pattern=QUANTITY)]]
+ResourceMap = dict[
+    Annotated[str, Field(pattern=r"^(cpu|memory|ephemeral-storage)$")], Annotated[str, Field(pattern=QUANTITY)]
+]
 
 
 class Resources(Strict):

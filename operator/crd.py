@@ -63,9 +63,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 def _property(child: dict[str, Any], defs: dict[str, Any], required: bool) -> dict[str, Any]:
     schema = _structural(child, defs)
-    # An omitted nested object defaults to {} so the API server fills in its own defaults.
+    # An omitted nested object defaults to its fields' defaults, so the API server fills them in.
     if schema.get("type") == "object" and "properties" in schema and not required and "default" not in schema:
-        schema["default"] = {}
+        schema["default"] = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
     return schema
 
 

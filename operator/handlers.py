@@ -92,36 +92,40 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
     """Register every handler and index on `registry`, bound to these settings."""
     claims: set[str] = set()
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)  # in-cluster service account, else KUBECONFIG
+
     def ensure_cache_claim(namespace: str) -> None:
         if settings.cache_create and namespace not in claims:
             cluster.create_if_missing(children.cache_claim(namespace, settings))
             claims.add(namespace)
 
     # -- indexes: what the reconcilers observe ------------------------------------------------------
-    @kopf.index(**CA, registry=registry)
+    @kopf.index(**CA, registry=registry, id="artifacts")
     def artifacts(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body.get("status") or {})}
 
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry, id="deployments")
     def deployments(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("v1", "services", labels=MANAGED, registry=registry)
+    @kopf.index("v1", "services", labels=MANAGED, registry=registry, id="services")
     def services(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry)
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="jobs")
     def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("v1", "pods", labels=MANAGED, registry=registry)
+    @kopf.index("v1", "pods", labels=MANAGED, registry=registry, id="pods")
     def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         owner = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
         if owner is None:
             owner = f"{labels.get(naming.MODEL_LABEL)}/{labels.get(naming.TARGET_LABEL)}"
         return {(namespace, owner): plain(body)}
 
-    @kopf.index(**TM, registry=registry)
+    @kopf.index(**TM, registry=registry, id="users")
     def users(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         try:
             model = TorchModel(metadata=plain(body.metadata), spec=plain(body.spec))
@@ -173,11 +177,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         for kind, reason, message in result.events:
             kopf.event(body, type=kind, reason=reason, message=message)
 
+    retry = {"backoff": 5.0, "registry": registry}
     for decorator in (
-        kopf.on.create(**TM, registry=registry),
-        kopf.on.update(**TM, registry=registry),
-        kopf.on.resume(**TM, registry=registry),
-        kopf.timer(**TM, interval=settings.resync_seconds, sharp=False, registry=registry),
+        kopf.on.create(**TM, id="create", **retry),
+        kopf.on.update(**TM, id="update", **retry),
+        kopf.on.resume(**TM, id="resume", **retry),
+        kopf.timer(**TM, id="resync", interval=settings.resync_seconds, sharp=False, **retry),
     ):
         decorator(reconcile_torchmodel)
 
@@ -221,13 +226,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
             cluster.delete(API_VERSION, "CompiledArtifact", namespace, name)
 
     for decorator in (
-        kopf.on.create(**CA, registry=registry),
-        kopf.on.resume(**CA, registry=registry),
-        kopf.timer(**CA, interval=settings.resync_seconds, sharp=False, registry=registry),
+        kopf.on.create(**CA, id="create", **retry),
+        kopf.on.resume(**CA, id="resume", **retry),
+        kopf.timer(**CA, id="resync", interval=settings.resync_seconds, sharp=False, **retry),
     ):
         decorator(reconcile_compiledartifact)
 
-    @kopf.on.delete(**CA, registry=registry)
+    @kopf.on.delete(**CA, id="finalize", **retry)
     def remove_artifact(
         body: kopf.Body, namespace: str, name: str, users: kopf.Index[Any, Any], jobs: kopf.Index[Any, Any], **_: Any
     ) -> None:
@@ -248,13 +253,14 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         raise kopf.TemporaryError("waiting for the cache folder removal", delay=2)
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
+def configure(settings: kopf.OperatorSettings, standalone: bool) -> None:
     """kopf's own settings: progress in annotations (our status schema has no room for kopf's)."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.WARNING  # events for problems; our own events mark phases
     settings.peering.name = "kiln"
     settings.peering.mandatory = False
+    settings.peering.standalone = standalone  # else one active replica, through kopf's peering objects
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8

@@ -20,19 +20,20 @@ from kiln.operator.settings import OperatorSettings
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per timer tick
     settings = OperatorSettings()
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings, Cluster())
+    standalone = os.environ.get("KILN_STANDALONE", "") == "true"
     kopf_settings = kopf.OperatorSettings()
-    handlers.configure(kopf_settings)
+    handlers.configure(kopf_settings, standalone)
     namespaces = [n for n in os.environ.get("KILN_WATCH_NAMESPACES", "").split(",") if n]
     kopf.run(
         registry=registry,
         settings=kopf_settings,
         clusterwide=not namespaces,
         namespaces=namespaces,
-        standalone=os.environ.get("KILN_STANDALONE", "") == "true",
-        peering_name="kiln",
+        standalone=standalone,
         liveness_endpoint=os.environ.get("KILN_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),
     )
     return 0

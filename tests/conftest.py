@@ -67,7 +67,7 @@ class Kube:
 
 
 def dump_logs(cluster: LocalCluster, tail: int = 30) -> None:
-    agent = cluster.root / "agent" / "pods" if cluster.root else None
+    agent = cluster.agent_root / "pods"
     for log_file in sorted(cluster.log_dir.glob("*.log")) + sorted(agent.glob("*/*.log") if agent else []):
         lines = log_file.read_text(errors="replace").splitlines()[-tail:]
         print(f"==== {log_file} (last {tail} lines)\n" + "\n".join(lines))
