@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import models
+from examples import models
 
 BIN = Path(sys.executable).parent
 

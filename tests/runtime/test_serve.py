@@ -14,7 +14,7 @@ import torch
 import tritonclient.http as triton
 
 from kiln.manifest import Manifest
-from tests import models
+from examples import models
 from tests.runtime.conftest import Artifact, Server
 
 

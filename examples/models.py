@@ -1,4 +1,4 @@
-"""Small test models, built here (no downloads) and exported with a dynamic batch dimension."""
+"""Small example models (used by the demo, tests and benchmarks), built here (no downloads) and exported with a dynamic batch dimension."""
 
 from __future__ import annotations
 
