@@ -60,12 +60,18 @@ def main() -> int:
             kubectl("apply", "-f", str(ROOT / "crds"))
             kubectl("wait", "--for=condition=Established", "crd/torchmodels.kiln.dev", "--timeout=30s")
         with phase("start the operator"):
-            env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KILN_STANDALONE": "true",
-                   "KILN_RUNTIME_IMAGE": "kiln-runtime:dev", "KILN_RESYNC_SECONDS": "1",
-                   "KILN_LIVENESS_ENDPOINT": "http://127.0.0.1:0/healthz"}
+            env = {
+                **os.environ,
+                "KUBECONFIG": str(cluster.kubeconfig),
+                "KILN_STANDALONE": "true",
+                "KILN_RUNTIME_IMAGE": "kiln-runtime:dev",
+                "KILN_RESYNC_SECONDS": "1",
+                "KILN_LIVENESS_ENDPOINT": "http://127.0.0.1:0/healthz",
+            }
             log = (cluster.log_dir / "operator.log").open("wb")
-            operator = subprocess.Popen([sys.executable, "-m", "kiln.operator.main"], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "kiln.operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         with phase(f"export a small MLP with torch.export to {ARCHIVE}"):
             ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
             models.export("mlp", ARCHIVE)
@@ -80,7 +86,8 @@ def main() -> int:
                 status = tm.get("status") or {}
                 line = f"phase={status.get('phase')} " + " ".join(
                     f"[{t['gpu']}: artifact {t['phase']}, {t['readyReplicas']}/{t['replicas']} ready, {t['message']}]"
-                    for t in status.get("targets", []))
+                    for t in status.get("targets", [])
+                )
                 if line != seen:
                     say("  " + line)
                     seen = line
@@ -91,13 +98,25 @@ def main() -> int:
             wait(ready, timeout=900)
         say(kubectl("get", "torchmodels,compiledartifacts", "-o", "wide").stdout)
         with phase("inference over HTTP (Open Inference Protocol v2)"):
-            ip = kubectl("get", "pods", "-l", "kiln.dev/model=mlp", "--field-selector=status.phase=Running",
-                         "-o", "jsonpath={.items[0].status.podIP}").stdout
+            ip = kubectl(
+                "get",
+                "pods",
+                "-l",
+                "kiln.dev/model=mlp",
+                "--field-selector=status.phase=Running",
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+            ).stdout
             x, y = models.examples("mlp", batch=2, seed=1)
-            body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()},
-                               {"name": "y", "shape": list(y.shape), "datatype": "FP32", "data": y.flatten().tolist()}]}
-            req = urllib.request.Request(f"http://{ip}:8080/v2/models/mlp/infer", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+            body = {
+                "inputs": [
+                    {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()},
+                    {"name": "y", "shape": list(y.shape), "datatype": "FP32", "data": y.flatten().tolist()},
+                ]
+            }
+            req = urllib.request.Request(
+                f"http://{ip}:8080/v2/models/mlp/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=30) as resp:
                 answer = json.load(resp)
             out = answer["outputs"][0]

@@ -41,14 +41,14 @@ def examples(name: str, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ..
     return (torch.randn(batch, 3, 16, 16, generator=g),)
 
 
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return (TwoInputMLP() if name == "mlp" else SmallConvNet()).eval()
 
 
-def export(name: str, path: Path, dynamic: bool = True) -> Path:
-    """torch.export.save an ExportedProgram of the model to `path`."""
-    model = build(name)
+def export(name: str, path: Path, dynamic: bool = True, seed: int = 0) -> Path:
+    """torch.export.save an ExportedProgram of the model (weights from `seed`) to `path`."""
+    model = build(name, seed)
     args = examples(name)
     shapes = None
     if dynamic:
@@ -59,7 +59,7 @@ def export(name: str, path: Path, dynamic: bool = True) -> Path:
     return path
 
 
-def eager(name: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
+def eager(name: str, *inputs: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
     with torch.inference_mode():
-        out = build(name)(*inputs)
+        out = build(name, seed)(*inputs)
     return list(out) if isinstance(out, tuple) else [out]

@@ -16,6 +16,8 @@ from kiln.operator.settings import OperatorSettings
 
 CACHE_MOUNT = "/cache"
 PVC_ROOT = "/mnt/pvc"
+# A terminating serving pod keeps answering this long while endpoints drop it.
+DRAIN_SECONDS = 5
 
 
 def _security_context() -> dict[str, Any]:
@@ -217,6 +219,7 @@ def _serve_args(model: TorchModel, name: str, target: Target, key: str | None, s
         f"--intra-op-threads={threads.intra_op}",
         f"--inter-op-threads={threads.inter_op}",
         f"--pvc-root={PVC_ROOT}",
+        f"--drain-seconds={DRAIN_SECONDS}",
     ]
     if spec.compile.mode == CompileMode.aot:
         args.append(f"--artifact={CACHE_MOUNT}/{key}")
@@ -302,7 +305,7 @@ def deployment(
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": 30 + DRAIN_SECONDS,
                     "nodeSelector": node_selector,
                     "securityContext": _pod_security(settings),
                     "containers": [container],

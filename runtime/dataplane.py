@@ -46,7 +46,7 @@ class DataPlane:
         self.model: LoadedModel | None = None
         self.batcher: Batcher | None = None
         self.ready = False
-        self.error: str | None = None
+        self.draining = False  # shutting down: readiness off, requests still answered
 
     # -- loading -------------------------------------------------------------------
     def load(self, loader: Callable[[], LoadedModel]) -> None:

@@ -11,10 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -95,7 +98,7 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        return Response(status_code=200 if plane.ready else 503)
+        return Response(status_code=200 if plane.ready and not plane.draining else 503)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> Response:
@@ -105,7 +108,7 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> Response:
         plane.check_name(name)
-        return Response(status_code=200 if plane.ready else 503)
+        return Response(status_code=200 if plane.ready and not plane.draining else 503)
 
     async def handle_infer(name: str, request: Request) -> Response:
         try:
@@ -174,6 +177,27 @@ def model_loader(settings: ServeSettings) -> LoadedModel:
     )
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM first turns readiness off and keeps serving `drain` seconds.
+
+    Endpoints take a moment to drop a terminating pod; requests routed to it in that
+    moment still get answers instead of refused connections.
+    """
+
+    def __init__(self, config: uvicorn.Config, plane: DataPlane, drain: float) -> None:
+        super().__init__(config)
+        self.plane, self.drain, self.draining = plane, drain, False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain > 0 and not self.draining and sig == signal.SIGTERM:
+            self.draining = True
+            self.plane.draining = True
+            log.info("SIGTERM: not ready; serving %.1f s more before shutting down", self.drain)
+            threading.Timer(self.drain, super().handle_exit, (sig, frame)).start()
+            return
+        super().handle_exit(sig, frame)
+
+
 class App:
     """The server and its model: loads in the background so liveness answers at once."""
 
@@ -227,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.graceful_seconds,
         access_log=False,
     )
-    app.server = uvicorn.Server(config)
+    app.server = DrainingServer(config, app.plane, settings.drain_seconds)
     app.server.run()
     if app.failure:
         print(app.failure, file=sys.stderr)

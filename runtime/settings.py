@@ -49,6 +49,9 @@ class ServeSettings:
     inductor_mode: str = opt("default", "jit: torch.compile mode.")
     intra_op_threads: int = opt(0, "torch intra-op threads; 0: the pod's CPU limit.")
     inter_op_threads: int = opt(0, "torch inter-op threads; 0: torch's default.")
+    drain_seconds: float = opt(
+        0.0, "On SIGTERM, report not-ready and keep serving this long first, while endpoints drop the pod."
+    )
     graceful_seconds: int = opt(20, "On SIGTERM, how long in-flight requests may take to finish.")
     pvc_root: str = opt("/mnt/pvc", "Where pvc://CLAIM/ archives are mounted.")
     log_level: str = opt("info", "Log level of the server.")
