@@ -1,4 +1,7 @@
-"""Small example models (used by the demo, tests and benchmarks), built here (no downloads) and exported with a dynamic batch dimension."""
+"""Small example models for the demo, tests and benchmarks.
+
+Built here (no downloads) and exported with a dynamic batch dimension.
+"""
 
 from __future__ import annotations
 

@@ -122,7 +122,8 @@ class CompileSpec(Strict):
         Field(
             default_factory=dict,
             max_length=16,
-            description="Inductor configs as strings ('true', '8'), from an allowed list (max_autotune, freezing, ...).",
+            description="Inductor configs as strings ('true', '8'), from an allowed list "
+            "(max_autotune, freezing, ...).",
             json_schema_extra={
                 "x-kubernetes-validations": [
                     {

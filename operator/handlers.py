@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from pydantic import ValidationError
@@ -40,6 +40,7 @@ from kiln.operator.reconcile import (
 from kiln.operator.settings import OperatorSettings
 
 log = logging.getLogger("kiln.operator")
+StatusT = TypeVar("StatusT", TorchModelStatus, CompiledArtifactStatus)
 MANAGED = {"app.kubernetes.io/managed-by": "kiln"}
 TM = {"group": GROUP, "version": VERSION, "plural": "torchmodels"}
 CA = {"group": GROUP, "version": VERSION, "plural": "compiledartifacts"}
@@ -57,20 +58,19 @@ def first(index: kopf.Index[Any, Any], key: Any) -> Any:
 
 def parse_model(body: kopf.Body) -> TorchModel:
     raw = plain(body)
-    status = None
-    try:
-        status = TorchModelStatus.model_validate(raw.get("status") or {})
-    except ValidationError:
-        pass  # a status we cannot read is rebuilt from scratch
-    return TorchModel(metadata=raw["metadata"], spec=raw["spec"], status=status)
+    return TorchModel(metadata=raw["metadata"], spec=raw["spec"], status=_status(TorchModelStatus, raw))
 
 
 def parse_artifact(body: kopf.Body) -> CompiledArtifact:
     raw = plain(body)
-    status = None
+    return CompiledArtifact(metadata=raw["metadata"], spec=raw["spec"], status=_status(CompiledArtifactStatus, raw))
+
+
+def _status(model: type[StatusT], raw: dict[str, Any]) -> StatusT | None:
+    """The last status written, or None when it cannot be read (it is then rebuilt)."""
     with contextlib.suppress(ValidationError):
-        status = CompiledArtifactStatus.model_validate(raw.get("status") or {})
-    return CompiledArtifact(metadata=raw["metadata"], spec=raw["spec"], status=status)
+        return model.model_validate(raw.get("status") or {})
+    return None
 
 
 def invalid_spec(patch: kopf.Patch, body: kopf.Body, error: ValidationError) -> kopf.PermanentError:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from kiln.manifest import Manifest
 from examples import models
+from kiln.manifest import Manifest
 from tests.runtime.conftest import Artifact, Server
 
 

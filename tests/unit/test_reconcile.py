@@ -1,0 +1,114 @@
+"""The pure reconcile: desired children and status from observed state (no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.api import ArtifactPhase, CompiledArtifact, CompiledArtifactStatus, TorchModel
+from kiln.operator import naming
+from kiln.operator.reconcile import ObservedTarget, plan_targets, reconcile_artifact, reconcile_model
+from kiln.operator.settings import OperatorSettings
+
+SETTINGS = OperatorSettings(runtime_image="kiln-runtime:1")
+NOW = "2026-11-23T00:00:00Z"
+
+
+def model(**spec: Any) -> TorchModel:
+    base = {"archive": {"uri": "file:///m.pt2", "sha256": "a" * 64}, "targets": [{"gpu": "cpu", "replicas": 2}]}
+    return TorchModel(metadata={"name": "m", "namespace": "ns", "generation": 3}, spec=base | spec)
+
+
+def deployment(key: str, ready: int = 2) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "m-cpu", "generation": 1, "annotations": {naming.KEY_ANNOTATION: key}},
+        "spec": {"replicas": 2},
+        "status": {
+            "observedGeneration": 1,
+            "replicas": 2,
+            "readyReplicas": ready,
+            "updatedReplicas": 2,
+            "availableReplicas": ready,
+        },
+    }
+
+
+def test_the_same_spec_gives_the_same_keys_and_a_changed_archive_a_new_one() -> None:
+    one, two = plan_targets(model(), SETTINGS), plan_targets(model(), SETTINGS)
+    assert one == two
+    changed = plan_targets(model(archive={"uri": "file:///m.pt2", "sha256": "b" * 64}), SETTINGS)
+    assert changed[0].key != one[0].key
+
+
+def test_nothing_is_deployed_before_the_first_artifact_is_ready() -> None:
+    result = reconcile_model(model(), {"cpu": ObservedTarget()}, "uid", SETTINGS, NOW)
+    assert len(result.artifacts) == 1 and not result.deployments
+    assert result.status.phase == "Compiling"
+
+
+def test_old_pods_keep_serving_while_a_new_key_compiles() -> None:
+    key = plan_targets(model(), SETTINGS)[0].key
+    observed = ObservedTarget(
+        artifact=CompiledArtifactStatus(phase=ArtifactPhase.compiling), deployment=deployment("old-key")
+    )
+    result = reconcile_model(model(), {"cpu": observed}, "uid", SETTINGS, NOW)
+    dep = result.deployments[0]
+    assert dep["metadata"]["annotations"][naming.KEY_ANNOTATION] == "old-key" != key
+    assert "--artifact=/cache/old-key" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert result.status.phase == "Compiling"
+
+
+def test_ready_artifact_and_replicas_make_the_model_ready_and_running_twice_changes_nothing() -> None:
+    key = plan_targets(model(), SETTINGS)[0].key
+    assert key is not None
+    observed = {
+        "cpu": ObservedTarget(artifact=CompiledArtifactStatus(phase=ArtifactPhase.ready), deployment=deployment(key))
+    }
+    first = reconcile_model(model(), observed, "uid", SETTINGS, NOW)
+    assert first.status.phase == "Ready" and first.status.ready_replicas == 2
+    again = reconcile_model(
+        model().model_copy(update={"status": first.status}), observed, "uid", SETTINGS, "2026-11-23T01:00:00Z"
+    )
+    assert again.deployments == first.deployments and again.status == first.status
+    assert not again.events
+
+
+def test_gpu_targets_pin_pods_to_the_product_and_ask_for_a_gpu() -> None:
+    m = model(targets=[{"gpu": "NVIDIA-H100-80GB-HBM3", "replicas": 1}])
+    result = reconcile_model(m, {}, "uid", SETTINGS, NOW)
+    art = CompiledArtifact(metadata={"name": "a", "namespace": "ns"}, spec=result.artifacts[0]["spec"])
+    job = reconcile_artifact(art, None, [], ["m"], "uid", SETTINGS, NOW).job
+    assert job is not None
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert "--device=cuda" in pod["containers"][0]["args"]
+
+
+def test_a_failed_compile_job_reports_the_pods_termination_message() -> None:
+    m = model()
+    art_body = reconcile_model(m, {}, "uid", SETTINGS, NOW).artifacts[0]
+    art = CompiledArtifact(metadata={"name": "a", "namespace": "ns"}, spec=art_body["spec"])
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    pods = [
+        {
+            "status": {
+                "containerStatuses": [
+                    {"state": {"terminated": {"exitCode": 1, "message": "DigestMismatch: sha256 mismatch"}}}
+                ]
+            }
+        }
+    ]
+    result = reconcile_artifact(art, job, pods, ["m"], "uid", SETTINGS, NOW)
+    assert result.status.phase == ArtifactPhase.failed
+    assert result.status.message == "DigestMismatch: sha256 mismatch"
+    assert result.event == ("Warning", "Failed", "DigestMismatch: sha256 mismatch")
+    assert result.status.used_by == ["m"] and result.status.unused_since is None
+
+
+def test_one_at_a_time_rollout_needs_no_extra_gpu() -> None:
+    m = model(serving={"rollout": "OneAtATime"})
+    key = plan_targets(m, SETTINGS)[0].key
+    assert key is not None
+    observed = {"cpu": ObservedTarget(artifact=CompiledArtifactStatus(phase=ArtifactPhase.ready))}
+    dep = reconcile_model(m, observed, "uid", SETTINGS, NOW).deployments[0]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
