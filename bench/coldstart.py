@@ -1,0 +1,151 @@
+"""Replica cold start: process start → first correct HTTP answer, for eager, torch.compile and Kiln AOT.
+
+    python -m bench.coldstart --models mlp,resnet50,bert --device cuda --out bench/results/coldstart.json
+
+Each mode starts `kiln-serve` in a fresh process and polls /infer until the answer
+matches eager PyTorch: eager; jit with an empty inductor cache; jit with the
+cache the previous run left (warm); aot through torch's stock `aoti_load_package`;
+aot through Kiln's runner (the default). Also reports the one-time compile job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import models
+from bench.client import Client, decode, encode
+from bench.hardware import describe
+
+MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_max: int) -> dict[str, Any]:
+    term = cache.parent / f"{name}.term"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.runtime.compile", f"--uri=file://{archive}", f"--cache={cache}",
+         f"--device={device}", f"--batch-max={batch_max}", f"--termination-log={term}"],
+        capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile of {name} failed: {proc.stderr[-2000:]}")
+    summary = json.loads(term.read_text())
+    return {"key": summary["key"], "path": summary["path"], "job_seconds": round(wall, 1),
+            "aoti_seconds": summary["compileSeconds"], "package_bytes": summary["sizeBytes"]}
+
+
+def ready_seconds(cmd: list[str], env: dict[str, str], port: int, model: str, body: bytes,
+                  headers: dict[str, str], expected: np.ndarray, timeout: float, log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while time.perf_counter() - start < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
+            try:
+                client = Client("127.0.0.1", port, timeout=timeout)
+                status, data, head = client.infer(model, body, headers)
+                client.close()
+            except OSError:
+                time.sleep(0.02)
+                continue
+            if status == 200:
+                got = decode(data, head)[0]
+                if not np.allclose(got, expected, atol=2e-2, rtol=2e-2):
+                    raise RuntimeError(f"wrong answer: max error {np.abs(got - expected).max()}")
+                return time.perf_counter() - start
+            time.sleep(0.02)
+        raise TimeoutError(f"not ready after {timeout} s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float) -> dict[str, Any]:
+    import torch
+
+    archive = models.export(name, work / f"{name}.pt2", batch_max)
+    print(f"[coldstart] {name}: exported; compiling once ...", flush=True)
+    artifact = compile_artifact(name, archive, work / "cache", device, batch_max)
+    print(f"[coldstart] {name}: compile job {artifact['job_seconds']} s", flush=True)
+    args = models.inputs(name, 1)
+    with torch.inference_mode():
+        expected = models.build(name).to(device)(*(a.to(device) for a in args))
+    first = expected[0] if isinstance(expected, tuple) else expected
+    body, headers = encode(models.names(name), [a.numpy() for a in args])
+    inductor = work / f"inductor-{name}"
+    shutil.rmtree(inductor, ignore_errors=True)
+    results: dict[str, Any] = {"compile": artifact}
+    for mode in MODES:
+        port = free_port()
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+        cmd = [sys.executable, "-m", "kiln.runtime.server", "--host=127.0.0.1", f"--port={port}",
+               f"--model-name={name}", f"--device={device}", f"--max-batch-size={batch_max}"]
+        if mode.startswith("aot"):
+            cmd.append(f"--artifact={artifact['path']}")
+            env["KILN_LOADER"] = "package" if mode == "aot-package" else "runner"
+        else:
+            cmd += [f"--mode={mode.split('-')[0]}", f"--archive=file://{archive}"]
+        seconds = ready_seconds(cmd, env, port, name, body, headers, first.float().cpu().numpy(), timeout,
+                                work / f"{name}-{mode}.log")
+        results[mode] = round(seconds, 2)
+        print(f"[coldstart] {name} {mode}: ready in {seconds:.2f} s", flush=True)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | **AOT, Kiln runner** "
+             "| Kiln vs eager | Kiln vs compile cold | compile job (once) | package |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['eager']:.2f} s | {r['jit-cold']:.2f} s | {r['jit-warm']:.2f} s | {r['aot-package']:.2f} s "
+            f"| **{r['aot']:.2f} s** | {r['eager'] / r['aot']:.1f}× faster | {r['jit-cold'] / r['aot']:.1f}× faster "
+            f"| {r['compile']['job_seconds']} s | {r['compile']['package_bytes'] / 1e6:.1f} MB |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="mlp")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-max", type=int, default=32)
+    p.add_argument("--work", type=Path, default=Path("/var/tmp/kiln-bench"))
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    hardware = describe(a.device)
+    print(f"[coldstart] hardware: {hardware}", flush=True)
+    results = {m: run_model(m, a.device, a.work, a.batch_max, a.timeout) for m in a.models.split(",")}
+    print("\nReplica cold start (process start → first correct answer over HTTP)")
+    print(f"hardware: {hardware}\n")
+    print(table(results))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"hardware": hardware, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the GPU benchmarks on the lent device machine (no network there): installs the
+# carried wheels, assembles the kiln package outside the repo root (a repo root on
+# sys.path would shadow the standard library's `operator`), and runs both benchmarks.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+pkg=/tmp/kp && rm -rf $pkg && mkdir -p $pkg
+cp -r kiln $pkg/kiln && for p in operator runtime devcluster; do cp -r $p $pkg/kiln/$p; done
+cp -r bench examples $pkg/
+export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
+# shared/notes/gpu-findings.md: AOTInductor libraries need the system libstdc++ there.
+export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")
+out=${OUT:-/tmp/out}
+cd $pkg
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m bench.coldstart --models "${MODELS:-mlp,resnet50,bert}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
+[ -n "${SKIP_SERVING:-}" ] && exit 0
+art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['resnet50']['compile']['path'])")
+python3 -m bench.serving --model resnet50 --device cuda --artifact "$art" --out "$out/serving-cuda.json" 2>&1 | tee "$out/serving.log"

@@ -1,0 +1,169 @@
+"""Serving speed: kiln-serve over HTTP at several concurrencies, with and without dynamic batching,
+against the same compiled model called in-process (the limit).
+
+    python -m bench.serving --model resnet50 --device cuda --artifact /var/tmp/kiln-bench/cache/<key>
+
+Each client sends batch-1 requests with binary tensors over keep-alive connections,
+from several processes so the client is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import models
+from bench.client import Client, encode
+from bench.coldstart import free_port
+from bench.hardware import describe
+
+
+def _worker(port: int, model: str, body: bytes, headers: dict[str, str], threads: int, seconds: float,
+            out: Any) -> None:
+    import threading
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def loop() -> None:
+        client = Client("127.0.0.1", port)
+        mine = []
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            status, _, _ = client.infer(model, body, headers)
+            if status == 200:
+                mine.append(time.perf_counter() - start)
+            else:
+                errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+
+    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    out.put((latencies, errors[0]))
+
+
+def load(port: int, model: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
+    procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
+    per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
+    queue: Any = mp.get_context("fork").Queue()
+    procs = [mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue))
+             for n in per]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    lat = np.array([x for r in results for x in r[0]])
+    return {"concurrency": concurrency, "requests": int(lat.size), "errors": sum(r[1] for r in results),
+            "rps": lat.size / elapsed, "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+
+
+def in_process(artifact: Path, device: str, model: str, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
+    import torch
+
+    from kiln.runtime.loader import load_aot
+
+    loaded = load_aot(artifact, device)
+    out = {}
+    with torch.inference_mode():
+        for batch in batches:
+            args = [a.to(device) for a in models.inputs(model, batch)]
+            for _ in range(5):
+                loaded.fn(args)
+            times = []
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                result = loaded.fn(args)
+                if device == "cuda":
+                    result[0].cpu()  # the HTTP path copies results to the host too
+                times.append(time.perf_counter() - start)
+            t = np.array(times)
+            out[batch] = {"rows_per_s": batch / t.mean(), "p50_ms": float(np.percentile(t, 50) * 1e3)}
+    return out
+
+
+def serve(artifact: Path, device: str, model: str, batching: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "kiln.runtime.server", "--host=127.0.0.1", f"--port={port}", f"--artifact={artifact}",
+           f"--model-name={model}", f"--device={device}", "--max-queue=4096",
+           *(["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"])]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    for _ in range(600):
+        try:
+            c = Client("127.0.0.1", port, timeout=2)
+            c.conn.request("GET", "/v2/health/ready")
+            if c.conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(log.read_text()[-2000:])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    hardware = describe(a.device)
+    conc = [int(c) for c in a.concurrency.split(",")]
+    args = models.inputs(a.model, 1)
+    body, headers = encode(models.names(a.model), [t.numpy() for t in args])
+    limit = in_process(a.artifact, a.device, a.model, sorted({1, *[min(c, 64) for c in conc]}), a.seconds / 2)
+    rows = []
+    for batching in (False, True):
+        proc, port = serve(a.artifact, a.device, a.model, batching, Path(f"/tmp/serve-{int(batching)}.log"))
+        try:
+            load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
+            for c in conc:
+                r = load(port, a.model, body, headers, c, a.seconds)
+                base = limit[min(c, 64) if batching else 1]
+                r |= {"batching": batching, "inproc_rows_per_s": base["rows_per_s"],
+                      "ratio": r["rps"] / base["rows_per_s"], "inproc_p50_ms": limit[1]["p50_ms"]}
+                rows.append(r)
+                print(f"[serving] batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
+                      f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)", flush=True)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
+    print("| batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) | HTTP / in-process "
+          "| in-process p50 ms (batch 1) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
+              f"| {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} "
+              f"| {r['errors']} |")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"hardware": hardware, "model": a.model, "rows": rows,
+                                     "in_process": {str(k): v for k, v in limit.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
