@@ -100,7 +100,7 @@ def load_aot(folder: Path, device: str) -> LoadedModel:
             raise ArtifactMismatch(f"{so} does not match the sha256 in its manifest: the cached artifact is corrupt")
         try:
             fn = _runner(so, device)
-        except (AttributeError, RuntimeError) as exc:
+        except (AttributeError, RuntimeError, TypeError) as exc:
             log.warning("AOTI runner could not load %s (%s); falling back to aoti_load_package", so, exc)
             loader = "package"
     if fn is None:

@@ -74,13 +74,16 @@ def _child(argv: list[str]) -> int:
                 if g.shape != w.shape:
                     return _report(error=f"batch {batch}: output shape {list(g.shape)} != expected {list(w.shape)}")
                 diff = (g.double() - w.double()).abs()
-                max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-                rel = diff / w.double().abs().clamp_min(1e-6)
-                max_rel = max(max_rel, float(rel.max()) if rel.numel() else 0.0)
-                if bool((diff > atol + rtol * w.double().abs()).any()):
+                error = float(diff.max()) if diff.numel() else 0.0
+                # Tolerance scales with the output's magnitude: GPU kernels (cuDNN vs Triton) and
+                # reduction orders differ by a small fraction of the largest value, not of each value.
+                scale = float(w.double().abs().max()) if w.numel() else 0.0
+                max_abs = max(max_abs, error)
+                max_rel = max(max_rel, error / scale if scale else 0.0)
+                if error > atol + rtol * scale:
                     return _report(
                         error=f"batch {batch}: compiled output differs from the program "
-                        f"(max abs error {float(diff.max()):.3g} > atol {atol} + rtol {rtol})"
+                        f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} × max |output| {scale:.3g})"
                     )
     validation = Validation(batch_sizes=batches, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
     return _report(validation=validation.model_dump())
