@@ -42,7 +42,7 @@ def decode(body: bytes, header_length: str | None) -> list[np.ndarray]:
             out.append(np.asarray(o["data"], dtype=dtype).reshape(o["shape"]))
             continue
         size = o["parameters"]["binary_data_size"]
-        out.append(np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(o["shape"]))
+        out.append(np.frombuffer(body[offset : offset + size], dtype=dtype).reshape(o["shape"]))
         offset += size
     return out
 

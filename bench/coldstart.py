@@ -41,20 +41,43 @@ def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_m
     term = cache.parent / f"{name}.term"
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "kiln.runtime.compile", f"--uri=file://{archive}", f"--cache={cache}",
-         f"--device={device}", f"--batch-max={batch_max}", f"--termination-log={term}"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kiln.runtime.compile",
+            f"--uri=file://{archive}",
+            f"--cache={cache}",
+            f"--device={device}",
+            f"--batch-max={batch_max}",
+            f"--termination-log={term}",
+        ],
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"compile of {name} failed: {proc.stderr[-2000:]}")
     summary = json.loads(term.read_text())
-    return {"key": summary["key"], "path": summary["path"], "job_seconds": round(wall, 1),
-            "aoti_seconds": summary["compileSeconds"], "package_bytes": summary["sizeBytes"]}
+    return {
+        "key": summary["key"],
+        "path": summary["path"],
+        "job_seconds": round(wall, 1),
+        "aoti_seconds": summary["compileSeconds"],
+        "package_bytes": summary["sizeBytes"],
+    }
 
 
-def ready_seconds(cmd: list[str], env: dict[str, str], port: int, model: str, body: bytes,
-                  headers: dict[str, str], expected: np.ndarray, timeout: float, log: Path) -> float:
+def ready_seconds(
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    model: str,
+    body: bytes,
+    headers: dict[str, str],
+    expected: np.ndarray,
+    timeout: float,
+    log: Path,
+) -> float:
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -100,29 +123,41 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
     for mode in MODES:
         port = free_port()
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-        cmd = [sys.executable, "-m", "kiln.runtime.server", "--host=127.0.0.1", f"--port={port}",
-               f"--model-name={name}", f"--device={device}", f"--max-batch-size={batch_max}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kiln.runtime.server",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--model-name={name}",
+            f"--device={device}",
+            f"--max-batch-size={batch_max}",
+        ]
         if mode.startswith("aot"):
             cmd.append(f"--artifact={artifact['path']}")
             env["KILN_LOADER"] = "package" if mode == "aot-package" else "runner"
         else:
             cmd += [f"--mode={mode.split('-')[0]}", f"--archive=file://{archive}"]
-        seconds = ready_seconds(cmd, env, port, name, body, headers, first.float().cpu().numpy(), timeout,
-                                work / f"{name}-{mode}.log")
+        seconds = ready_seconds(
+            cmd, env, port, name, body, headers, first.float().cpu().numpy(), timeout, work / f"{name}-{mode}.log"
+        )
         results[mode] = round(seconds, 2)
         print(f"[coldstart] {name} {mode}: ready in {seconds:.2f} s", flush=True)
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | **AOT, Kiln runner** "
-             "| Kiln vs eager | Kiln vs compile cold | compile job (once) | package |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | **AOT, Kiln runner** "
+        "| Kiln vs eager | Kiln vs compile cold | compile job (once) | package |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['eager']:.2f} s | {r['jit-cold']:.2f} s | {r['jit-warm']:.2f} s | {r['aot-package']:.2f} s "
-            f"| **{r['aot']:.2f} s** | {r['eager'] / r['aot']:.1f}× faster | {r['jit-cold'] / r['aot']:.1f}× faster "
-            f"| {r['compile']['job_seconds']} s | {r['compile']['package_bytes'] / 1e6:.1f} MB |")
+            f"| **{r['aot']:.2f} s** | {r['eager'] / r['aot']:.1f}x faster | {r['jit-cold'] / r['aot']:.1f}x faster "
+            f"| {r['compile']['job_seconds']} s | {r['compile']['package_bytes'] / 1e6:.1f} MB |"
+        )
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 pkg=/tmp/kp && rm -rf $pkg && mkdir -p $pkg
-cp -r kiln $pkg/kiln && for p in operator runtime devcluster; do cp -r $p $pkg/kiln/$p; done
+cp -r common $pkg/kiln && for p in operator runtime devcluster; do cp -r $p $pkg/kiln/$p; done
 cp -r bench examples $pkg/
 export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
 # shared/notes/gpu-findings.md: AOTInductor libraries need the system libstdc++ there.

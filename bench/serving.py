@@ -28,8 +28,9 @@ from bench.coldstart import free_port
 from bench.hardware import describe
 
 
-def _worker(port: int, model: str, body: bytes, headers: dict[str, str], threads: int, seconds: float,
-            out: Any) -> None:
+def _worker(
+    port: int, model: str, body: bytes, headers: dict[str, str], threads: int, seconds: float, out: Any
+) -> None:
     import threading
 
     latencies: list[float] = []
@@ -58,12 +59,16 @@ def _worker(port: int, model: str, body: bytes, headers: dict[str, str], threads
     out.put((latencies, errors[0]))
 
 
-def load(port: int, model: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
+def load(
+    port: int, model: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
+) -> dict[str, Any]:
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     queue: Any = mp.get_context("fork").Queue()
-    procs = [mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue))
-             for n in per]
+    procs = [
+        mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue))
+        for n in per
+    ]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -72,12 +77,19 @@ def load(port: int, model: str, body: bytes, headers: dict[str, str], concurrenc
     for p in procs:
         p.join()
     lat = np.array([x for r in results for x in r[0]])
-    return {"concurrency": concurrency, "requests": int(lat.size), "errors": sum(r[1] for r in results),
-            "rps": lat.size / elapsed, "p50_ms": float(np.percentile(lat, 50) * 1e3),
-            "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+    return {
+        "concurrency": concurrency,
+        "requests": int(lat.size),
+        "errors": sum(r[1] for r in results),
+        "rps": lat.size / elapsed,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
 
 
-def in_process(artifact: Path, device: str, model: str, batches: list[int], seconds: float) -> dict[int, dict[str, float]]:
+def in_process(
+    artifact: Path, device: str, model: str, batches: list[int], seconds: float
+) -> dict[int, dict[str, float]]:
     import torch
 
     from kiln.runtime.loader import load_aot
@@ -104,9 +116,18 @@ def in_process(artifact: Path, device: str, model: str, batches: list[int], seco
 
 def serve(artifact: Path, device: str, model: str, batching: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "kiln.runtime.server", "--host=127.0.0.1", f"--port={port}", f"--artifact={artifact}",
-           f"--model-name={model}", f"--device={device}", "--max-queue=4096",
-           *(["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln.runtime.server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--artifact={artifact}",
+        f"--model-name={model}",
+        f"--device={device}",
+        "--max-queue=4096",
+        *(["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"]),
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
@@ -142,26 +163,46 @@ def main() -> int:
             for c in conc:
                 r = load(port, a.model, body, headers, c, a.seconds)
                 base = limit[min(c, 64) if batching else 1]
-                r |= {"batching": batching, "inproc_rows_per_s": base["rows_per_s"],
-                      "ratio": r["rps"] / base["rows_per_s"], "inproc_p50_ms": limit[1]["p50_ms"]}
+                r |= {
+                    "batching": batching,
+                    "inproc_rows_per_s": base["rows_per_s"],
+                    "ratio": r["rps"] / base["rows_per_s"],
+                    "inproc_p50_ms": limit[1]["p50_ms"],
+                }
                 rows.append(r)
-                print(f"[serving] batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
-                      f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)", flush=True)
+                print(
+                    f"[serving] batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
+                    f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
+                    flush=True,
+                )
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
     print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
-    print("| batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) | HTTP / in-process "
-          "| in-process p50 ms (batch 1) | errors |")
+    print(
+        "| batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) | HTTP / in-process "
+        "| in-process p50 ms (batch 1) | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
-              f"| {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} "
-              f"| {r['errors']} |")
+        print(
+            f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} "
+            f"| {r['errors']} |"
+        )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"hardware": hardware, "model": a.model, "rows": rows,
-                                     "in_process": {str(k): v for k, v in limit.items()}}, indent=2))
+        a.out.write_text(
+            json.dumps(
+                {
+                    "hardware": hardware,
+                    "model": a.model,
+                    "rows": rows,
+                    "in_process": {str(k): v for k, v in limit.items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

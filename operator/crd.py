@@ -3,7 +3,7 @@
 Core layer (pure). Pydantic's JSON schema is turned into a structural OpenAPI v3
 schema: references inlined, optional fields un-nulled, titles dropped, defaults
 and descriptions kept, so `kubectl explain` shows the models' documentation.
-Run `python -m kiln.operator.crd` to rewrite crds/; a test fails on drift.
+Run `kiln-crds crds` to rewrite crds/; a test fails on drift.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def generate() -> dict[str, dict[str, Any]]:
 
 
 def render(obj: dict[str, Any]) -> str:
-    header = "# Generated from kiln/api.py by `python -m kiln.operator.crd`; do not edit.\n"
+    header = "# Generated from common/api.py (kiln.api) by `kiln-crds crds`; do not edit.\n"
     return header + yaml.safe_dump(obj, sort_keys=False, width=120)
 
 

@@ -32,7 +32,13 @@ class _Pending:
 
 class Batcher:
     def __init__(
-        self, run: RunFn, max_batch: int, max_delay_s: float, max_queue: int, observe: ObserveFn | None = None
+        self,
+        run: RunFn,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        observe: ObserveFn | None = None,
+        pending: Callable[[], int] | None = None,
     ) -> None:
         self._run = run
         self._max_batch = max_batch
@@ -40,6 +46,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
         self._carry: _Pending | None = None
         self._observe = observe
+        self._pending = pending  # requests in flight; none beyond this batch means no wait
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kiln-model")
         self._task: asyncio.Task[None] | None = None
 
@@ -78,6 +85,8 @@ class Batcher:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
+                if self._pending is not None and self._pending() <= len(batch):
+                    break  # nobody else is on the way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

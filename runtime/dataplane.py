@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ class DataPlane:
         self.batcher: Batcher | None = None
         self.ready = False
         self.draining = False  # shutting down: readiness off, requests still answered
+        self.active = 0  # requests between arrival and answer: the batcher waits only if others may join
 
     # -- loading -------------------------------------------------------------------
     def load(self, loader: Callable[[], LoadedModel]) -> None:
@@ -74,12 +75,21 @@ class DataPlane:
         """Called on the event loop once load() returned: start batching, report ready."""
         assert self.model is not None
         model = self.model
+        device = model.device
+
+        def call(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            # Host↔device copies happen here, in the model thread: one copy per merged batch,
+            # and the event loop never waits on the GPU.
+            outputs = model.fn([t.to(device, non_blocking=True) for t in inputs])
+            return [o.cpu() for o in outputs]
+
         self.batcher = Batcher(
-            model.fn,
+            call,
             self.max_rows(model),
             self.batching.max_delay_ms / 1000,
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
+            pending=lambda: self.active,
         )
         self.batcher.start()
         self.ready = True
@@ -107,7 +117,9 @@ class DataPlane:
             parameters={"max_batch_size": self.max_rows(self.model)},
         )
 
-    def decode(self, request: InferenceRequest, binary: dict[str, bytes]) -> tuple[list[torch.Tensor], int]:
+    def decode(
+        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
+    ) -> tuple[list[torch.Tensor], int]:
         """Request tensors in signature order, and the batch size they share."""
         sig = self.signature
         assert self.model is not None
@@ -136,13 +148,19 @@ class DataPlane:
             rows.add(inp.shape[0])
         if len(rows) != 1:
             raise InvalidInput(f"all inputs must share one batch size, got {sorted(rows)}")
-        return [t.to(self.model.device, non_blocking=True) for t in tensors], rows.pop()
+        return tensors, rows.pop()
 
-    async def infer(self, request: InferenceRequest, binary: dict[str, bytes]) -> tuple[InferenceResponse, list[bytes]]:
+    async def infer(
+        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
+    ) -> tuple[InferenceResponse, list[bytes]]:
         if not self.ready or self.batcher is None:
             raise NotReady(f"model {self.name!r} is not ready")
-        tensors, rows = self.decode(request, binary)
-        outputs = await self.batcher.submit(tensors, rows)
+        self.active += 1
+        try:
+            tensors, rows = self.decode(request, binary)
+            outputs = await self.batcher.submit(tensors, rows)
+        finally:
+            self.active -= 1
         return self.encode(request, outputs)
 
     def encode(self, request: InferenceRequest, outputs: list[torch.Tensor]) -> tuple[InferenceResponse, list[bytes]]:

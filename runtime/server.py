@@ -52,7 +52,7 @@ def error_response(exc: KilnError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=code, headers=headers)
 
 
-async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, dict[str, bytes]]:
+async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, dict[str, memoryview]]:
     """Parse a JSON body, or a JSON header followed by binary tensor data."""
     declared = request.headers.get("content-length")
     if declared and int(declared) > limit:
@@ -72,7 +72,8 @@ async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, 
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise InvalidInput(f"malformed inference request at {where}: {first['msg']}") from exc
-    binary: dict[str, bytes] = {}
+    binary: dict[str, memoryview] = {}
+    view = memoryview(body)  # slices without copying
     offset = split
     for inp in parsed.inputs:
         size = (inp.parameters or {}).get("binary_data_size")
@@ -80,7 +81,7 @@ async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, 
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
             raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
-        binary[inp.name] = body[offset : offset + size]
+        binary[inp.name] = view[offset : offset + size]
         offset += size
     if offset != len(body):
         raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")

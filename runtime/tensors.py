@@ -42,7 +42,7 @@ def _flatten(data: object) -> list[object]:
     return [data]
 
 
-def from_rest(inp: RequestInput, binary: bytes | None) -> torch.Tensor:
+def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Tensor:
     """A request tensor as torch, from JSON `data` or from its binary slice."""
     if inp.datatype not in DATATYPES:
         raise InvalidInput(

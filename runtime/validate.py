@@ -83,7 +83,7 @@ def _child(argv: list[str]) -> int:
                 if error > atol + rtol * scale:
                     return _report(
                         error=f"batch {batch}: compiled output differs from the program "
-                        f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} × max |output| {scale:.3g})"
+                        f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} * max |output| {scale:.3g})"
                     )
     validation = Validation(batch_sizes=batches, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
     return _report(validation=validation.model_dump())

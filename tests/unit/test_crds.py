@@ -12,7 +12,7 @@ CRDS = Path(__file__).resolve().parents[2] / "crds"
 def test_committed_crds_match_the_models() -> None:
     for name, obj in generate().items():
         committed = (CRDS / name).read_text()
-        assert committed == render(obj), f"crds/{name} is stale: run python -m kiln.operator.crd crds"
+        assert committed == render(obj), f"crds/{name} is stale: run kiln-crds crds"
 
 
 def test_schemas_carry_descriptions_for_kubectl_explain() -> None:
