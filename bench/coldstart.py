@@ -43,6 +43,7 @@ def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_m
     proc = subprocess.run(
         [
             sys.executable,
+            "-P",
             "-m",
             "kiln.runtime.compile",
             f"--uri=file://{archive}",
@@ -125,6 +126,7 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
         cmd = [
             sys.executable,
+            "-P",
             "-m",
             "kiln.runtime.server",
             "--host=127.0.0.1",

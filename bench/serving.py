@@ -118,6 +118,7 @@ def serve(artifact: Path, device: str, model: str, batching: bool, log: Path) ->
     port = free_port()
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "kiln.runtime.server",
         "--host=127.0.0.1",

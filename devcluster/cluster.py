@@ -239,7 +239,7 @@ class LocalCluster:
         return proc
 
     def spawn_python(self, name: str, module: str, args: list[str]) -> subprocess.Popen[bytes]:
-        return self._popen(name, [sys.executable, "-u", "-m", module, *args])
+        return self._popen(name, [sys.executable, "-P", "-u", "-m", module, *args])
 
     def write_kubeconfig(self, path: Path) -> None:
         path.write_text(f"""apiVersion: v1

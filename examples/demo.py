@@ -70,7 +70,7 @@ def main() -> int:
             }
             log = (cluster.log_dir / "operator.log").open("wb")
             operator = subprocess.Popen(
-                [sys.executable, "-m", "kiln.operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-P", "-m", "kiln.operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT
             )
         with phase(f"export a small MLP with torch.export to {ARCHIVE}"):
             ARCHIVE.parent.mkdir(parents=True, exist_ok=True)

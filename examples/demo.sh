@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash .ci/setup | tail -n 1)
-# The repo root is put on sys.path through the script's folder, never as PYTHONPATH:
+# The repo root goes on sys.path last (for examples/), never first and never as PYTHONPATH:
 # a PYTHONPATH holding operator/ would shadow the standard library's `operator`.
-exec "$VENV/bin/python" -c 'import sys; sys.path.append("."); from examples.demo import main; sys.exit(main())'
+exec "$VENV/bin/python" -P -c 'import sys; sys.path.append("."); from examples.demo import main; sys.exit(main())'

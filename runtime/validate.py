@@ -23,6 +23,7 @@ def validate_in_child(
 ) -> Validation:
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "kiln.runtime.validate",
         str(artifact),

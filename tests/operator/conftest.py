@@ -39,7 +39,7 @@ class Operator:
         self.env["KILN_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}/healthz"
         log = (self.cluster.log_dir / "operator.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.operator.main"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-P", "-m", "kiln.operator.main"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
 
     def kill(self) -> None:
