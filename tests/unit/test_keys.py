@@ -18,7 +18,9 @@ def test_key_is_the_same_in_another_process() -> None:
         "from kiln.api import CompileSpec; from kiln.keys import cache_key; "
         "print(cache_key('a'*64, CompileSpec(), 'cpu', 'kiln-runtime:1'))"
     )
-    other = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert other == cache_key(**BASE)  # type: ignore[arg-type]
 
 
