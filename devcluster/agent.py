@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shlex
 import signal
 import sys
@@ -56,6 +57,7 @@ class Agent:
         self.runners: dict[str, PodRunner] = {}
         self.lock = threading.Lock()
         self.next_ip = 0
+        self.ip_block = random.randint(2, 250)
         self.stopping = threading.Event()
         (root / "control").mkdir(parents=True, exist_ok=True)
 
@@ -72,9 +74,11 @@ class Agent:
         )
 
     def allocate_ip(self) -> str:
+        """A loopback address per pod; the block is random per agent, so a stray process
+        left by an earlier agent cannot answer for a new pod."""
         with self.lock:
             n, self.next_ip = self.next_ip, self.next_ip + 1
-        return f"127.1.{n // 250 % 250}.{n % 250 + 1}"
+        return f"127.{self.ip_block}.{n // 250 % 250}.{n % 250 + 1}"
 
     def forget(self, uid: str) -> None:
         with self.lock:
@@ -287,11 +291,13 @@ class Agent:
         self.watch_pods()
 
     def shutdown(self) -> None:
+        """Stop every pod process now: they run in their own sessions and would outlive us."""
         self.stopping.set()
         with self.lock:
             runners = list(self.runners.values())
         for r in runners:
             r.detach()
+            r.kill_processes()
 
 
 def parse_image(text: str) -> tuple[str, list[str]]:

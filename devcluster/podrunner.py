@@ -3,7 +3,7 @@
 Each container's command runs on this host inside its own mount namespace
 (`unshare --mount`), where every volume is bind-mounted at its mountPath
 (read-only when asked) and a per-container file at terminationMessagePath. The
-pod gets its own loopback address (127.1.x.y), given to processes as status.podIP.
+pod gets its own loopback address (127.B.x.y), given to processes as status.podIP.
 Probes (httpGet, tcpSocket) gate readiness and restart on liveness failure;
 restartPolicy is honoured with a short exponential backoff.
 """
@@ -270,6 +270,12 @@ class PodRunner(threading.Thread):
         else:
             c.state = {"terminated": terminated}
             c.done = True
+
+    def kill_processes(self) -> None:
+        for c in self.containers:
+            if c.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(c.proc.pid, signal.SIGKILL)
 
     def stop_container(self, c: Container, reason: str) -> None:
         if c.proc is not None:

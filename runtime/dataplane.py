@@ -16,11 +16,10 @@ import torch
 from kiln.manifest import Signature, TensorSpec
 from kiln.runtime.batching import Batcher
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
-from kiln.runtime.export import example_inputs
 from kiln.runtime.loader import LoadedModel
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
-from kiln.runtime.tensors import from_rest, to_rest
+from kiln.runtime.tensors import example_inputs, from_rest, to_rest
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from torch.export import Dim, ExportedProgram
 
 from kiln.manifest import Signature, TensorSpec
 from kiln.runtime.errors import ArchiveError, ExportError
-from kiln.runtime.tensors import DATATYPES, datatype_of
+from kiln.runtime.tensors import datatype_of, example_inputs
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +64,14 @@ def has_dynamic_batch(program: ExportedProgram) -> bool:
     return all(isinstance(v, torch.Tensor) and v.dim() > 0 and not isinstance(v.shape[0], int) for v in values)
 
 
-def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0) -> list[torch.Tensor]:
-    """Random inputs matching the signature at a batch size."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for spec in signature.inputs:
-        shape = [batch, *spec.shape[1:]]
-        dtype = DATATYPES[spec.datatype][0]
-        if dtype.is_floating_point:
-            t = torch.randn(shape, generator=gen).to(dtype)
-        elif dtype == torch.bool:
-            t = torch.randint(0, 2, shape, generator=gen).bool()
-        else:
-            t = torch.randint(0, 100, shape, generator=gen).to(dtype)
-        out.append(t.to(device))
-    return out
-
-
 def with_dynamic_batch(program: ExportedProgram, batch_min: int, batch_max: int, device: str) -> ExportedProgram:
     """Re-export so that dimension 0 of every input ranges over [batch_min, batch_max]."""
     signature = signature_of(program)
+    if device != "cpu":
+        # Constants traced on the CPU (aranges, buffers) move too, not only parameters.
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
     module = program.module().to(device)
     # torch.export specialises sizes 0 and 1, so trace with at least 2 rows.
     trace_batch = min(max(2, batch_min), batch_max)

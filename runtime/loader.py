@@ -2,7 +2,9 @@
 
 Serve path (torch). The aot path checks the manifest, verifies the library's sha256,
 and loads it with the AOTI runner: no compiler, no inductor import. The stock
-`aoti_load_package` stays as the fallback (KILN_LOADER=package forces it).
+`aoti_load_package` stays as the fallback (KILN_LOADER=package forces it). Nothing
+here imports torch.export or inductor unless that path is taken: imports are most
+of a replica's start-up time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from torch.utils._pytree import tree_leaves
 
 from kiln.manifest import PACKAGE_NAME, Manifest, Signature
 from kiln.runtime.errors import ArtifactMismatch
-from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, with_dynamic_batch
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ def load_aot(folder: Path, device: str) -> LoadedModel:
 
 def load_program(path: Path, device: str, compiled: bool, inductor_mode: str, batch_max: int) -> LoadedModel:
     """eager: the ExportedProgram's module as is; jit: the same under torch.compile."""
+    # torch.export pulls in dynamo and sympy: imported here, so the aot path never pays for it.
+    from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, with_dynamic_batch
+
     program = load_exported(path)
     if not has_dynamic_batch(program):
         program = with_dynamic_batch(program, 1, batch_max, device)

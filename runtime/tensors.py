@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kiln.manifest import Signature
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.protocol import RequestInput, ResponseOutput
 
@@ -82,3 +83,20 @@ def to_rest(name: str, tensor: torch.Tensor, binary: bool) -> tuple[ResponseOutp
         )
         return out, raw
     return ResponseOutput(name=name, datatype=datatype, shape=list(array.shape), data=array.reshape(-1).tolist()), None
+
+
+def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs matching the signature at a batch size."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in signature.inputs:
+        shape = [batch, *spec.shape[1:]]
+        dtype = DATATYPES[spec.datatype][0]
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        elif dtype == torch.bool:
+            t = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            t = torch.randint(0, 100, shape, generator=gen).to(dtype)
+        out.append(t.to(device))
+    return out

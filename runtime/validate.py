@@ -55,8 +55,9 @@ def validate_in_child(
 def _child(argv: list[str]) -> int:
     import torch
 
-    from kiln.runtime.export import example_inputs, load_exported
+    from kiln.runtime.export import load_exported
     from kiln.runtime.loader import load_aot
+    from kiln.runtime.tensors import example_inputs
 
     artifact, program_path, device, batches_arg, atol_arg, rtol_arg = argv
     batches = [int(b) for b in batches_arg.split(",")]
