@@ -119,7 +119,7 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
     first = expected[0] if isinstance(expected, tuple) else expected
     body, headers = encode(models.names(name), [a.numpy() for a in args])
     # Every mode starts with torch's libraries in the page cache, as on a node that ran one pod before.
-    subprocess.run([sys.executable, "-c", f"import torch; torch.zeros(1, device='{device}')"], check=True)
+    subprocess.run([sys.executable, "-P", "-c", f"import torch; torch.zeros(1, device='{device}')"], check=True)
     inductor = work / f"inductor-{name}"
     shutil.rmtree(inductor, ignore_errors=True)
     results: dict[str, Any] = {"compile": artifact}
