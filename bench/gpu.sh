@@ -15,5 +15,6 @@ cd $pkg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m bench.coldstart --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
 [ -n "${SKIP_SERVING:-}" ] && exit 0
-art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['resnet50']['compile']['path'])")
-python3 -m bench.serving --model resnet50 --device cuda --artifact "$art" --out "$out/serving-cuda.json" 2>&1 | tee "$out/serving.log"
+serve=${SERVE_MODEL:-resnet50}
+art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")
+python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda.json" 2>&1 | tee "$out/serving.log"
