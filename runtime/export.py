@@ -67,6 +67,8 @@ def has_dynamic_batch(program: ExportedProgram) -> bool:
 def with_dynamic_batch(program: ExportedProgram, batch_min: int, batch_max: int, device: str) -> ExportedProgram:
     """Re-export so that dimension 0 of every input ranges over [batch_min, batch_max]."""
     signature = signature_of(program)
+    if device == "cuda":  # one explicit index: export's device checks tell "cuda" and "cuda:0" apart
+        device = f"cuda:{torch.cuda.current_device()}"
     if device != "cpu":
         # Constants traced on the CPU (aranges, buffers) move too, not only parameters.
         from torch.export.passes import move_to_device_pass
