@@ -64,17 +64,22 @@ def has_dynamic_batch(program: ExportedProgram) -> bool:
     return all(isinstance(v, torch.Tensor) and v.dim() > 0 and not isinstance(v.shape[0], int) for v in values)
 
 
+def to_device(program: ExportedProgram, device: str) -> tuple[ExportedProgram, str]:
+    """The program with parameters and traced constants (aranges, buffers) on `device`."""
+    if device == "cpu":
+        return program, device
+    if device == "cuda":  # one explicit index: export's device checks tell "cuda" and "cuda:0" apart
+        device = f"cuda:{torch.cuda.current_device()}"
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device), device
+
+
 def with_dynamic_batch(program: ExportedProgram, batch_min: int, batch_max: int, device: str) -> ExportedProgram:
     """Re-export so that dimension 0 of every input ranges over [batch_min, batch_max]."""
     signature = signature_of(program)
-    if device == "cuda":  # one explicit index: export's device checks tell "cuda" and "cuda:0" apart
-        device = f"cuda:{torch.cuda.current_device()}"
-    if device != "cpu":
-        # Constants traced on the CPU (aranges, buffers) move too, not only parameters.
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, device)
-    module = program.module().to(device)
+    program, device = to_device(program, device)
+    module = program.module()
     # torch.export specialises sizes 0 and 1, so trace with at least 2 rows.
     trace_batch = min(max(2, batch_min), batch_max)
     args = tuple(example_inputs(signature, trace_batch, device))

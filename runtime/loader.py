@@ -117,12 +117,12 @@ def load_aot(folder: Path, device: str) -> LoadedModel:
 def load_program(path: Path, device: str, compiled: bool, inductor_mode: str, batch_max: int) -> LoadedModel:
     """eager: the ExportedProgram's module as is; jit: the same under torch.compile."""
     # torch.export pulls in dynamo and sympy: imported here, so the aot path never pays for it.
-    from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, with_dynamic_batch
+    from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, to_device, with_dynamic_batch
 
-    program = load_exported(path)
+    program, device = to_device(load_exported(path), device)
     if not has_dynamic_batch(program):
         program = with_dynamic_batch(program, 1, batch_max, device)
-    module = program.module().to(device)
+    module = program.module()
     call: Callable[..., object] = module
     if compiled:
         mode = None if inductor_mode == "default" else inductor_mode
