@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from examples import models
 from kiln.devcluster.cli import ensure_binaries
 from kiln.devcluster.cluster import LocalCluster
 
@@ -89,6 +91,23 @@ def kube(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Kube
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+def crds(cluster: LocalCluster) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def archive_dir() -> Iterator[Path]:
+    # Outside /tmp: serving and compile pods mount an emptyDir over /tmp.
+    folder = Path(tempfile.mkdtemp(prefix="kiln-test-archives-", dir="/var/tmp"))
+    yield folder
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+@pytest.fixture(scope="session")
+def mlp_archive(archive_dir: Path) -> Path:
+    return models.export("mlp", archive_dir / "mlp.pt2")

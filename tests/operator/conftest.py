@@ -1,20 +1,15 @@
-"""Fixtures for operator tests: CRDs installed, the operator running as a process, archives on disk."""
+"""Fixtures for operator tests: the operator running as a local process."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from examples import models
 from kiln.devcluster.cluster import LocalCluster, free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Operator:
@@ -58,27 +53,8 @@ class Operator:
 
 
 @pytest.fixture(scope="session")
-def crds(cluster: LocalCluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-
-
-@pytest.fixture(scope="session")
 def operator(cluster: LocalCluster, crds: None) -> Iterator[Operator]:
     op = Operator(cluster)
     op.start()
     yield op
     op.stop()
-
-
-@pytest.fixture(scope="session")
-def archive_dir() -> Iterator[Path]:
-    # Outside /tmp: serving and compile pods mount an emptyDir over /tmp.
-    folder = Path(tempfile.mkdtemp(prefix="kiln-test-archives-", dir="/var/tmp"))
-    yield folder
-    subprocess.run(["rm", "-rf", str(folder)], check=False)
-
-
-@pytest.fixture(scope="session")
-def mlp_archive(archive_dir: Path) -> Path:
-    return models.export("mlp", archive_dir / "mlp.pt2")
