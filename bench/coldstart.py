@@ -37,6 +37,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_command(port: int, model: str, device: str, *extra: str) -> list[str]:
+    """kiln-serve on loopback, as a benchmark starts it."""
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "kiln.runtime.server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--model-name={model}",
+        f"--device={device}",
+        *extra,
+    ]
+
+
 def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_max: int) -> dict[str, Any]:
     term = cache.parent / f"{name}.term"
     start = time.perf_counter()
@@ -126,17 +141,7 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
     for mode in modes:
         port = free_port()
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-        cmd = [
-            sys.executable,
-            "-P",
-            "-m",
-            "kiln.runtime.server",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            f"--model-name={name}",
-            f"--device={device}",
-            f"--max-batch-size={batch_max}",
-        ]
+        cmd = serve_command(port, name, device, f"--max-batch-size={batch_max}")
         if mode.startswith("aot"):
             cmd.append(f"--artifact={artifact['path']}")
             env["KILN_LOADER"] = "package" if mode == "aot-package" else "runner"

@@ -24,7 +24,7 @@ import numpy as np
 
 from bench import models
 from bench.client import Client, encode
-from bench.coldstart import free_port
+from bench.coldstart import free_port, serve_command
 from bench.hardware import describe
 
 
@@ -116,19 +116,8 @@ def in_process(
 
 def serve(artifact: Path, device: str, model: str, batching: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-P",
-        "-m",
-        "kiln.runtime.server",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        f"--artifact={artifact}",
-        f"--model-name={model}",
-        f"--device={device}",
-        "--max-queue=4096",
-        *(["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"]),
-    ]
+    batch = ["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"]
+    cmd = serve_command(port, model, device, f"--artifact={artifact}", "--max-queue=4096", *batch)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(600):
         try:

@@ -73,6 +73,13 @@ def _status(model: type[StatusT], raw: dict[str, Any]) -> StatusT | None:
     return None
 
 
+def patch_status(patch: kopf.Patch, body: kopf.Body, status: TorchModelStatus | CompiledArtifactStatus) -> None:
+    """Write the status only when it differs: a resync that changes nothing writes nothing."""
+    wanted = json_ready(status)
+    if wanted != plain(body.get("status") or {}):
+        patch.status.update(wanted)
+
+
 def invalid_spec(patch: kopf.Patch, body: kopf.Body, error: ValidationError) -> kopf.PermanentError:
     """Report a spec the schema let through but the models refuse (e.g. a CEL-free rule)."""
     first_error = error.errors()[0]
@@ -171,9 +178,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
             cluster.apply(dep, first(deployments, (namespace, dep["metadata"]["name"])))
         for svc in result.services:
             cluster.apply(svc, first(services, (namespace, svc["metadata"]["name"])))
-        status = json_ready(result.status)
-        if status != plain(body.get("status") or {}):
-            patch.status.update(status)
+        patch_status(patch, body, result.status)
         for kind, reason, message in result.events:
             kopf.event(body, type=kind, reason=reason, message=message)
 
@@ -215,9 +220,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         if result.job is not None and job is None:
             ensure_cache_claim(namespace)
             cluster.create_if_missing(result.job)
-        status = json_ready(result.status)
-        if status != plain(body.get("status") or {}):
-            patch.status.update(status)
+        patch_status(patch, body, result.status)
         if result.event:
             kind, reason, message = result.event
             kopf.event(body, type=kind, reason=reason, message=message)
