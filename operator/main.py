@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 
 import kopf
@@ -34,6 +35,8 @@ def main() -> int:
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=standalone,
+        # Peers with equal priorities would all stay active; distinct ones elect the highest.
+        priority=int(os.environ.get("KILN_PEERING_PRIORITY", "0")) or random.randint(1, 1_000_000),
         liveness_endpoint=os.environ.get("KILN_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),
     )
     return 0

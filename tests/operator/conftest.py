@@ -15,8 +15,9 @@ from kiln.devcluster.cluster import LocalCluster, free_port
 class Operator:
     """kiln-operator as a local process against the local control plane (standalone)."""
 
-    def __init__(self, cluster: LocalCluster, **env: str) -> None:
+    def __init__(self, cluster: LocalCluster, log_name: str = "operator.log", **env: str) -> None:
         self.cluster = cluster
+        self.log = cluster.log_dir / log_name
         self.env = {
             **os.environ,
             "KUBECONFIG": str(cluster.kubeconfig),
@@ -32,7 +33,7 @@ class Operator:
     def start(self) -> None:
         self.starts += 1
         self.env["KILN_LIVENESS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}/healthz"
-        log = (self.cluster.log_dir / "operator.log").open("ab")
+        log = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "kiln.operator.main"], env=self.env, stdout=log, stderr=subprocess.STDOUT
         )

@@ -296,3 +296,27 @@ def test_an_operator_killed_mid_compile_finishes_with_one_compile(
     jobs = compile_jobs(kube)
     assert [j["metadata"]["name"] for j in jobs] == [name]
     assert len(job_pods(kube, name)) == 1
+
+
+def test_with_two_operator_replicas_only_one_is_active(cluster: LocalCluster, kube: Kube, crds: None) -> None:
+    """kopf peering: the lower-priority replica pauses while the higher one works."""
+    cluster.kubectl(
+        "apply", "-f", "-", input="apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata: {name: kiln}\n"
+    )
+    replicas = [
+        Operator(cluster, f"operator-peer-{p}.log", KILN_STANDALONE="false", KILN_PEERING_PRIORITY=str(p))
+        for p in (10, 20)
+    ]
+    logs = [op.log for op in replicas]
+    try:
+        for op in replicas:
+            op.start()
+        kube.wait_for(
+            lambda: "Pausing operations in favour of" in logs[0].read_text(errors="replace"),
+            60,
+            message="the priority-10 replica pauses",
+        )
+        assert "Pausing operations" not in logs[1].read_text(errors="replace")
+    finally:
+        for op in replicas:
+            op.stop()
