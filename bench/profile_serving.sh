@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Profiles kiln-serve under load with py-spy (on the GPU machine: after bench/gpu.sh has
+# installed the wheels and compiled resnet50). Prints where the server's threads spend time.
+#   MODELS=resnet50 MODES=aot SKIP_SERVING=1 bash bench/gpu.sh && bash bench/profile_serving.sh
+set -euo pipefail
+pkg=/tmp/kp; out=${OUT:-/tmp/out}
+export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
+cd $pkg
+art=$(python3 -c "import json; print(json.load(open('$out/coldstart-cuda.json'))['results']['resnet50']['compile']['path'])")
+python3 -P -m kiln.runtime.server --artifact "$art" --model-name resnet50 --device cuda --host 127.0.0.1 --port 18555 \
+  --max-batch-size 64 --max-delay-ms 1 > "$out/serve-profile.log" 2>&1 &
+server=$!
+for _ in $(seq 300); do curl -sf 127.0.0.1:18555/v2/health/ready >/dev/null && break; sleep 0.2; done
+python3 - <<'PY' &
+import sys, time, threading
+sys.argv = ["x"]
+from bench import models
+from bench.client import Client, encode
+body, headers = encode(models.names("resnet50"), [t.numpy() for t in models.inputs("resnet50", 1)])
+def loop():
+    c = Client("127.0.0.1", 18555); end = time.time() + 14
+    while time.time() < end:
+        c.infer("resnet50", body, headers)
+ts = [threading.Thread(target=loop) for _ in range(16)]
+[t.start() for t in ts]; [t.join() for t in ts]
+PY
+load=$!
+sleep 3
+/tmp/site/bin/py-spy record -p $server -d 8 -r 200 -f raw -t --nonblocking -o "$out/profile.txt" > /dev/null 2>&1 || \
+  python3 -m py_spy record -p $server -d 8 -f raw -t --nonblocking -o "$out/profile.txt"
+wait $load || true
+kill $server
+python3 - "$out/profile.txt" <<'PY'
+import sys
+from collections import Counter
+own, threads, total = Counter(), Counter(), 0
+for line in open(sys.argv[1]):
+    stack, _, n = line.rstrip().rpartition(" ")
+    frames = stack.split(";")
+    total += int(n)
+    own[frames[-1][:160]] += int(n)
+    threads[frames[0][:60]] += int(n)
+print("threads:", {k: f"{100*v/total:.0f}%" for k, v in threads.most_common(6)})
+for frame, n in own.most_common(30):
+    print(f"{100*n/total:5.1f}% {frame}")
+PY
