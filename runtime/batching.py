@@ -22,6 +22,14 @@ RunFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 ObserveFn = Callable[[int, int, float], None]
 
 
+MergeFn = Callable[[list[list[torch.Tensor]]], list[torch.Tensor]]
+
+
+def concat(requests: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Each input of several requests, concatenated along the batch dimension."""
+    return [torch.cat(parts) for parts in zip(*requests, strict=True)]
+
+
 @dataclass
 class _Pending:
     inputs: list[torch.Tensor]
@@ -39,8 +47,10 @@ class Batcher:
         max_queue: int,
         observe: ObserveFn | None = None,
         pending: Callable[[], int] | None = None,
+        merge: MergeFn | None = None,
     ) -> None:
         self._run = run
+        self._merge = merge or concat
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
@@ -125,7 +135,7 @@ class Batcher:
         with torch.inference_mode():
             if len(batch) == 1:
                 return [self._run(batch[0].inputs)]
-            merged = [torch.cat(parts) for parts in zip(*(p.inputs for p in batch), strict=True)]
+            merged = self._merge([p.inputs for p in batch])
             results = self._run(merged)
             sizes = [p.rows for p in batch]
             split = [torch.split(r, sizes) for r in results]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.manifest import Signature, TensorSpec
-from kiln.runtime.batching import Batcher
+from kiln.runtime.batching import Batcher, concat
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel
 from kiln.runtime.metrics import Metrics
@@ -77,10 +77,14 @@ class DataPlane:
         device = model.device
 
         def call(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            # Host↔device copies happen here, in the model thread: one copy per merged batch,
-            # and the event loop never waits on the GPU.
+            # Host↔device copies happen here, in the model thread: the event loop never waits on the GPU.
             outputs = model.fn([t.to(device, non_blocking=True) for t in inputs])
             return [o.cpu() for o in outputs]
+
+        def merge_on_device(requests: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            # Concatenating large inputs on the host was the model thread's biggest cost
+            # (py-spy on the H100, docs/benchmarks.md): copy each to the GPU and join them there.
+            return concat([[t.to(device, non_blocking=True) for t in inputs] for inputs in requests])
 
         self.batcher = Batcher(
             call,
@@ -89,6 +93,7 @@ class DataPlane:
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
             pending=lambda: self.active,
+            merge=None if device == "cpu" else merge_on_device,
         )
         self.batcher.start()
         self.ready = True
