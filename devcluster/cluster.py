@@ -183,9 +183,9 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+        shutil.rmtree(self.agent_root, ignore_errors=True)
         if self.root and not self.keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
-            shutil.rmtree(self.agent_root, ignore_errors=True)
 
     def start_agent(
         self, nodes: list[dict[str, object]], images: dict[str, str] | None = None, timeout: float = 30
