@@ -61,16 +61,6 @@ class Cluster:
         meta = obj["metadata"]
         return self.resource(obj["apiVersion"], obj["kind"]), meta["name"], meta.get("namespace", "")
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return dict(self.resource(api_version, kind).get(name=name, namespace=namespace).to_dict())
-        except NotFoundError:
-            return None
-
-    def list(self, api_version: str, kind: str, namespace: str, selector: str = "") -> list[dict[str, Any]]:
-        items = self.resource(api_version, kind).get(namespace=namespace, label_selector=selector).items
-        return [dict(i.to_dict()) for i in items]
-
     def create_if_missing(self, obj: dict[str, Any]) -> bool:
         """Create `obj`; False when it exists already (someone, maybe our earlier self, made it)."""
         resource, name, ns = self._of(obj)

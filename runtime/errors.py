@@ -57,6 +57,12 @@ class NotReady(KilnError):
     reason = "NotReady"
 
 
+class PayloadTooLarge(KilnError):
+    """A request body over the configured limit (HTTP 413)."""
+
+    reason = "PayloadTooLarge"
+
+
 class Overloaded(KilnError):
     """The request queue is full (HTTP 503 with Retry-After)."""
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError as WireError
 
 from kiln import __version__
 from kiln.runtime.dataplane import BatchSettings, DataPlane
-from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded
+from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
 from kiln.runtime.loader import LoadedModel
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest, ServerMetadata
@@ -35,15 +35,14 @@ from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
 
 log = logging.getLogger("kiln.serve")
 
-STATUS: dict[type[KilnError], int] = {InvalidInput: 400, ModelNotFound: 404, NotReady: 503, Overloaded: 503}
+STATUS: dict[type[KilnError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    NotReady: 503,
+    Overloaded: 503,
+}
 RETRY_AFTER_SECONDS = "1"
-
-
-class PayloadTooLarge(KilnError):
-    reason = "PayloadTooLarge"
-
-
-STATUS[PayloadTooLarge] = 413
 
 
 def error_response(exc: KilnError) -> JSONResponse:
