@@ -92,9 +92,9 @@ def in_process(
 ) -> dict[int, dict[str, float]]:
     import torch
 
-    from kiln.runtime.loader import load_aot
+    from kiln.runtime.loader import load_artifact
 
-    loaded = load_aot(artifact, device)
+    loaded = load_artifact(artifact, device)
     out = {}
     with torch.inference_mode():
         for batch in batches:

@@ -39,6 +39,9 @@ ALLOWED_INDUCTOR_OPTIONS: frozenset[str] = frozenset(
     }
 )
 
+OPENVINO_NEEDS_AOT = "backend openvino compiles ahead of time: it needs mode aot"
+OPENVINO_NEEDS_CPU = "backend openvino builds CPU artifacts: every target must be gpu: cpu"
+
 
 class Strict(BaseModel):
     """Base for resource parts: camelCase on the wire, unknown fields refused."""
@@ -48,6 +51,21 @@ class Strict(BaseModel):
 
 class ArchiveFormat(StrEnum):
     exported_program = "exported-program"
+    module_and_weights = "module-and-weights"
+    torchscript = "torchscript"
+    torchserve_mar = "torchserve-mar"
+
+
+class CompileBackend(StrEnum):
+    inductor = "inductor"
+    openvino = "openvino"
+
+
+class JitBackend(StrEnum):
+    inductor = "inductor"
+    aot_eager = "aot_eager"
+    eager = "eager"
+    cudagraphs = "cudagraphs"
 
 
 class CompileMode(StrEnum):
@@ -80,7 +98,14 @@ class ArchiveSpec(Strict):
     ] = None
     format: Annotated[
         ArchiveFormat,
-        Field(description="Archive format. exported-program: a file written by torch.export.save."),
+        Field(
+            description="exported-program: a file written by torch.export.save; "
+            "module-and-weights: a .tar.gz or .zip holding model.py (one torch.nn.Module subclass), "
+            "an optional model.pt state dict and kiln.yaml naming the inputs; "
+            "torchscript: a torch.jit.save file (kiln.yaml as an extra file) or a .tar.gz/.zip holding "
+            "model.pt and kiln.yaml, served as TorchScript; "
+            "torchserve-mar: a TorchServe .mar of an eager model.py and state dict, with kiln.yaml."
+        ),
     ] = ArchiveFormat.exported_program
 
 
@@ -95,6 +120,15 @@ class DynamicBatch(Strict):
 
     min: Annotated[int, Field(ge=1, le=4096, description="Smallest batch size.")] = 1
     max: Annotated[int, Field(ge=1, le=4096, description="Largest batch size.")] = 32
+    dim: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=7,
+            description="The batch dimension of every input and output (BentoML's batch_dim): compiled "
+            "dynamic, and the one requests are merged and split along.",
+        ),
+    ] = 0
 
     @model_validator(mode="after")
     def _ordered(self) -> DynamicBatch:
@@ -103,8 +137,19 @@ class DynamicBatch(Strict):
         return self
 
 
+class JitOptions(Strict):
+    """torch.compile arguments for mode jit (the ones Triton's PyTorch backend exposes)."""
+
+    fullgraph: Annotated[bool, Field(description="Fail instead of splitting the graph at unsupported code.")] = False
+    dynamic: Annotated[
+        bool | None, Field(description="true: compile for dynamic shapes up front; false: specialise; unset: auto.")
+    ] = None
+    backend: Annotated[JitBackend, Field(description="torch.compile backend.")] = JitBackend.inductor
+    disable: Annotated[bool, Field(description="Turn torch.compile off (serve eagerly) without changing mode.")] = False
+
+
 class CompileSpec(Strict):
-    """How the model is compiled. Every field here is part of the cache key."""
+    """How the model is compiled. Every field but `jit` is part of the cache key."""
 
     mode: Annotated[
         CompileMode,
@@ -116,6 +161,13 @@ class CompileSpec(Strict):
     inductor_mode: Annotated[InductorMode, Field(description="Inductor mode (default, max-autotune, ...).")] = (
         InductorMode.default
     )
+    backend: Annotated[
+        CompileBackend,
+        Field(
+            description="aot only. inductor: AOTInductor (.pt2, CPU and GPU); "
+            "openvino: OpenVINO IR compiled once, for cpu targets."
+        ),
+    ] = CompileBackend.inductor
     dynamic_batch: Annotated[DynamicBatch, Field(default_factory=DynamicBatch, description="Batch range compiled for.")]
     options: Annotated[
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=64)]],
@@ -135,16 +187,29 @@ class CompileSpec(Strict):
         ),
     ]
 
+    jit: Annotated[
+        JitOptions,
+        Field(default_factory=JitOptions, description="mode jit: torch.compile arguments (mode is inductorMode)."),
+    ]
+
     @model_validator(mode="after")
     def _known_options(self) -> CompileSpec:
         unknown = sorted(set(self.options) - ALLOWED_INDUCTOR_OPTIONS)
         if unknown:
             raise ValueError(f"unknown compile option(s) {unknown}; allowed: {sorted(ALLOWED_INDUCTOR_OPTIONS)}")
+        if self.backend == CompileBackend.openvino and self.mode != CompileMode.aot:
+            raise ValueError(OPENVINO_NEEDS_AOT)
         return self
 
     def typed_options(self) -> dict[str, bool | int | str]:
         """Options as inductor wants them: 'true'/'false' → bool, digits → int."""
         return {k: parse_option_value(v) for k, v in self.options.items()}
+
+
+def needs_artifact(archive: ArchiveSpec, compile_spec: CompileSpec) -> bool:
+    """True when a compile Job builds an artifact: aot always; jit and eager for archives
+    that must first become an ExportedProgram or a TorchScript file (user code runs only there)."""
+    return compile_spec.mode == CompileMode.aot or archive.format != ArchiveFormat.exported_program
 
 
 def parse_option_value(raw: str) -> bool | int | str:
@@ -194,6 +259,13 @@ class Batching(Strict):
     max_queue: Annotated[
         int, Field(ge=1, le=100_000, description="Waiting requests beyond which new ones get 503 and Retry-After.")
     ] = 256
+    batchable: Annotated[
+        bool,
+        Field(
+            description="false: the model's inputs must not be merged across requests (each request runs "
+            "alone, as BentoML's batchable=False); true: merge along compile.dynamicBatch.dim."
+        ),
+    ] = True
 
 
 class Threads(Strict):
@@ -240,6 +312,21 @@ class Serving(Strict):
 
 
 class TorchModelSpec(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.compile.backend != 'openvino' || self.targets.all(t, t.gpu == 'cpu')",
+                    "message": OPENVINO_NEEDS_CPU,
+                },
+                {
+                    "rule": "self.compile.backend != 'openvino' || self.compile.mode == 'aot'",
+                    "message": OPENVINO_NEEDS_AOT,
+                },
+            ]
+        }
+    )
+
     archive: Annotated[ArchiveSpec, Field(description="The model archive.")]
     compile: Annotated[CompileSpec, Field(default_factory=CompileSpec, description="How the model is compiled.")]
     targets: Annotated[
@@ -252,6 +339,12 @@ class TorchModelSpec(Strict):
         ),
     ]
     serving: Annotated[Serving, Field(default_factory=Serving, description="Serving pods.")]
+
+    @model_validator(mode="after")
+    def _backend_targets(self) -> TorchModelSpec:
+        if self.compile.backend == CompileBackend.openvino and not all(t.is_cpu for t in self.targets):
+            raise ValueError(OPENVINO_NEEDS_CPU)
+        return self
 
 
 class Condition(Strict):

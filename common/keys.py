@@ -20,12 +20,17 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def compile_identity(compile_spec: CompileSpec) -> dict[str, Any]:
+    """The compile settings that decide the artifact: all but `jit`, which only replicas read."""
+    return {k: v for k, v in json_ready(compile_spec).items() if k != "jit"}
+
+
 def key_inputs(archive_digest: str, compile_spec: CompileSpec, target: str, runtime_image: str) -> dict[str, Any]:
     """Everything that decides the compiled code, in the form that is hashed."""
     return {
         "schema": KEY_SCHEMA,
         "archive": archive_digest,
-        "compile": json_ready(compile_spec),
+        "compile": compile_identity(compile_spec),
         "target": target,
         "runtimeImage": runtime_image,
     }

@@ -16,6 +16,10 @@ PACKAGE_NAME = "model.pt2"
 # The compiled library extracted from the package, loaded without inductor (see loader).
 RUNNER_DIR = "runner"
 MANIFEST_SCHEMA = 1
+# How kiln-serve runs the artifact: the AOTInductor library, an OpenVINO IR, a TorchScript
+# file (no AOT compile is possible for TorchScript), or an ExportedProgram that jit and
+# eager replicas load (prepared once from an archive whose user code must not run in pods).
+Engine = Literal["aotinductor", "openvino", "torchscript", "exported-program"]
 
 
 class TensorSpec(BaseModel):
@@ -50,6 +54,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = MANIFEST_SCHEMA
+    engine: Engine = "aotinductor"
     key: str
     inputs: dict[str, Any]
     torch_version: str
@@ -59,13 +64,19 @@ class Manifest(BaseModel):
     signature: Signature
     batch_min: int
     batch_max: int
+    batch_dim: Annotated[int, Field(description="Dimension requests are merged and split along.")] = 0
     package_file: str = PACKAGE_NAME
     package_bytes: int
     package_sha256: str
     runner_so: str | None = None
     runner_so_sha256: str | None = None
+    files: Annotated[
+        dict[str, str],
+        Field(description="Every other file the loader reads (relative path → sha256), verified at load."),
+    ] = Field(default_factory=dict)
     compile_seconds: float
     validation: Validation | None = None
+    note: Annotated[str | None, Field(description="What a user should know about how it is served.")] = None
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:

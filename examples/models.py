@@ -66,3 +66,57 @@ def eager(name: str, *inputs: torch.Tensor, seed: int = 0) -> list[torch.Tensor]
     with torch.inference_mode():
         out = build(name, seed)(*inputs)
     return list(out) if isinstance(out, tuple) else [out]
+
+
+# --- the same models in the formats users bring from other servers -----------------------------
+
+INPUTS = {
+    "mlp": [{"name": "x", "dtype": "float32", "shape": [-1, 16]}, {"name": "y", "dtype": "float32", "shape": [-1, 4]}],
+    "conv": [{"name": "image", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
+}
+CLASSES = {"mlp": TwoInputMLP, "conv": SmallConvNet}
+
+
+def kiln_yaml(name: str) -> str:
+    import yaml
+
+    return yaml.safe_dump({"inputs": INPUTS[name]}, sort_keys=False)
+
+
+def module_source(name: str) -> str:
+    """model.py as a user would write it: imports and one nn.Module subclass."""
+    import inspect
+
+    return "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(CLASSES[name])
+
+
+def write_module_and_weights(name: str, folder: Path, seed: int = 0) -> Path:
+    """Triton's layout in `folder`: model.py, model.pt (state dict) and kiln.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(module_source(name))
+    torch.save(build(name, seed).state_dict(), folder / "model.pt")
+    (folder / "kiln.yaml").write_text(kiln_yaml(name))
+    return folder
+
+
+def pack(folder: Path, dest: Path) -> Path:
+    """`folder`'s files as a .tar.gz or .zip (by dest's suffix), at the archive's top level."""
+    import tarfile
+    import zipfile
+
+    if dest.suffix == ".zip":
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
+            for path in sorted(folder.iterdir()):
+                z.write(path, path.name)
+    else:
+        with tarfile.open(dest, "w:gz") as t:
+            for path in sorted(folder.iterdir()):
+                t.add(path, path.name)
+    return dest
+
+
+def save_torchscript(name: str, path: Path, seed: int = 0) -> Path:
+    """torch.jit.trace of the model, with kiln.yaml embedded as an extra file."""
+    traced = torch.jit.trace(build(name, seed), examples(name))
+    torch.jit.save(traced, str(path), _extra_files={"kiln.yaml": kiln_yaml(name)})
+    return path

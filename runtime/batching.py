@@ -22,12 +22,12 @@ RunFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 ObserveFn = Callable[[int, int, float], None]
 
 
-MergeFn = Callable[[list[list[torch.Tensor]]], list[torch.Tensor]]
+MergeFn = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
 
 
-def concat(requests: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def concat(requests: list[list[torch.Tensor]], dim: int = 0) -> list[torch.Tensor]:
     """Each input of several requests, concatenated along the batch dimension."""
-    return [torch.cat(parts) for parts in zip(*requests, strict=True)]
+    return [torch.cat(parts, dim) for parts in zip(*requests, strict=True)]
 
 
 @dataclass
@@ -48,9 +48,13 @@ class Batcher:
         observe: ObserveFn | None = None,
         pending: Callable[[], int] | None = None,
         merge: MergeFn | None = None,
+        dim: int = 0,
+        batchable: bool = True,
     ) -> None:
         self._run = run
         self._merge = merge or concat
+        self._dim = dim
+        self._batchable = batchable  # False: every request is its own model call
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
@@ -91,7 +95,7 @@ class Batcher:
         batch = [await self._next()]
         rows = batch[0].rows
         deadline = time.perf_counter() + self._max_delay
-        while rows < self._max_batch:
+        while self._batchable and rows < self._max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -135,8 +139,8 @@ class Batcher:
         with torch.inference_mode():
             if len(batch) == 1:
                 return [self._run(batch[0].inputs)]
-            merged = self._merge([p.inputs for p in batch])
+            merged = self._merge([p.inputs for p in batch], self._dim)
             results = self._run(merged)
             sizes = [p.rows for p in batch]
-            split = [torch.split(r, sizes) for r in results]
+            split = [torch.split(r, sizes, self._dim) for r in results]
             return [[s[i] for s in split] for i in range(len(batch))]

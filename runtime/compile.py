@@ -1,4 +1,8 @@
-"""`kiln-compile`: fetch → load → dynamic batch → AOTInductor → validate → publish.
+"""`kiln-compile`: fetch → read the archive → dynamic batch → build the artifact → validate → publish.
+
+The artifact is an AOTInductor library (aot, the default), an OpenVINO IR (aot with
+backend openvino), a TorchScript file (TorchScript archives), or an ExportedProgram
+that jit/eager replicas load (archives whose model.py must run only here).
 
 Compile path entry point, run once per cache key by the compile Job. Each step
 prints a progress line with its duration. Any failure exits non-zero with one
@@ -18,14 +22,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError as SpecError
 
-from kiln.api import ArchiveFormat, CompileSpec, DynamicBatch, InductorMode
+from kiln.api import ArchiveFormat, CompileBackend, CompileMode, CompileSpec, DynamicBatch, InductorMode
 from kiln.keys import cache_key, key_inputs
-from kiln.manifest import PACKAGE_NAME, RUNNER_DIR, Manifest
+from kiln.manifest import PACKAGE_NAME, RUNNER_DIR, Engine, Manifest
 from kiln.runtime import cache
 from kiln.runtime.errors import KilnError
+from kiln.runtime.unpack import Limits
+
+if TYPE_CHECKING:
+    from kiln.runtime.formats import Source
 
 DEFAULT_MAX_ARCHIVE = 8 << 30
 
@@ -36,6 +45,7 @@ class CompileArgs:
 
     uri: str
     sha256: str | None
+    format: ArchiveFormat
     spec: CompileSpec
     device: str
     target: str
@@ -72,9 +82,17 @@ def parse_args(argv: list[str] | None) -> CompileArgs:
     p.add_argument("--uri", required=True, help="archive URI: file://, https://, s3://, gs://, pvc://CLAIM/PATH")
     p.add_argument("--sha256", help="expected hex sha256 of the archive")
     p.add_argument("--format", default=ArchiveFormat.exported_program.value, choices=[f.value for f in ArchiveFormat])
+    p.add_argument(
+        "--mode",
+        default=CompileMode.aot.value,
+        choices=[m.value for m in CompileMode],
+        help="aot compiles; jit and eager only prepare an ExportedProgram (or TorchScript) for replicas",
+    )
+    p.add_argument("--backend", default=CompileBackend.inductor.value, choices=[b.value for b in CompileBackend])
     p.add_argument("--inductor-mode", default="default", choices=[m.value for m in InductorMode])
     p.add_argument("--batch-min", type=int, default=1)
     p.add_argument("--batch-max", type=int, default=32)
+    p.add_argument("--batch-dim", type=int, default=0, help="the batch dimension of every input and output")
     p.add_argument(
         "--option",
         action="append",
@@ -97,8 +115,10 @@ def parse_args(argv: list[str] | None) -> CompileArgs:
     a = p.parse_args(argv)
     try:
         spec = CompileSpec(
+            mode=CompileMode(a.mode),
+            backend=CompileBackend(a.backend),
             inductor_mode=InductorMode(a.inductor_mode),
-            dynamic_batch=DynamicBatch(min=a.batch_min, max=a.batch_max),
+            dynamic_batch=DynamicBatch(min=a.batch_min, max=a.batch_max, dim=a.batch_dim),
             options=dict(a.option),
         )
     except SpecError as exc:
@@ -106,6 +126,7 @@ def parse_args(argv: list[str] | None) -> CompileArgs:
     return CompileArgs(
         uri=a.uri,
         sha256=a.sha256,
+        format=ArchiveFormat(a.format),
         spec=spec,
         device=a.device,
         target=a.target or a.device,
@@ -135,6 +156,21 @@ def run(args: CompileArgs) -> Manifest:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def engine_for(fmt: ArchiveFormat, spec: CompileSpec) -> Engine:
+    """What the artifact holds: TorchScript stays TorchScript; jit and eager replicas get a program."""
+    if fmt == ArchiveFormat.torchscript:
+        return "torchscript"
+    if spec.mode != CompileMode.aot:
+        return "exported-program"
+    return "openvino" if spec.backend == CompileBackend.openvino else "aotinductor"
+
+
+NOTES: dict[Engine, str] = {
+    "torchscript": "served as TorchScript: a TorchScript archive cannot be compiled ahead of time",
+    "exported-program": "prepared as an ExportedProgram for {mode} replicas: no ahead-of-time compile",
+}
+
+
 def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
     from kiln.runtime.fetch import fetch
 
@@ -143,7 +179,7 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         return Manifest.read(cache.artifact_dir(args.cache_dir, args.key))
     with step(f"fetch {args.uri}"):
         fetched = fetch(
-            args.uri, work / "archive.pt2", sha256=args.sha256, max_bytes=args.max_archive_bytes, pvc_root=args.pvc_root
+            args.uri, work / "archive", sha256=args.sha256, max_bytes=args.max_archive_bytes, pvc_root=args.pvc_root
         )
         progress(f"fetched {fetched.size} bytes, sha256 {fetched.sha256}")
     key = args.key or cache_key(fetched.sha256, args.spec, args.target, args.runtime_image)
@@ -155,45 +191,39 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
     with step("import torch"):
         import torch
 
-        from kiln.runtime import aot
-        from kiln.runtime.export import load_exported, signature_of, with_dynamic_batch
-        from kiln.runtime.loader import device_capability, sha256_file
+        from kiln.runtime.formats import prepare
+        from kiln.runtime.loader import device_capability
         from kiln.runtime.validate import validate_in_child
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KilnError("--device cuda but no CUDA device is visible to this process")
-    with step("load exported program"):
-        program = load_exported(fetched.path)
     batch = args.spec.dynamic_batch
-    with step(f"make batch dimension dynamic [{batch.min}, {batch.max}]"):
-        program = with_dynamic_batch(program, batch.min, batch.max, args.device)
-        signature = signature_of(program)
-        reference = work / "reference.pt2"
-        torch.export.save(program, str(reference))
+    engine = engine_for(args.format, args.spec)
+    limits = Limits(max_bytes=args.max_archive_bytes)
+    with step(
+        f"read the {args.format.value} archive; batch dimension {batch.dim} dynamic in [{batch.min}, {batch.max}]"
+    ):
+        source = prepare(fetched.path, args.format, work, batch, args.device, limits)
+        reference = source.script or work / "reference.pt2"
+        if source.program is not None:
+            torch.export.save(source.program, str(reference))
 
     staging = cache.staging_dir(args.cache_dir, key)
     try:
-        configs = aot.inductor_configs(args.spec)
-        with step(f"AOTInductor compile (configs {configs or 'default'})"):
-            compile_start = time.monotonic()
-            aot.compile_package(program, staging / PACKAGE_NAME, configs)
-            compile_seconds = time.monotonic() - compile_start
-        with step("extract runner library"):
-            so = aot.extract_runner(staging / PACKAGE_NAME, staging / RUNNER_DIR)
+        built = _build(engine, source, reference, staging, args)
         manifest = Manifest(
+            engine=engine,
             key=key,
             inputs=key_inputs(fetched.sha256, args.spec, args.target, args.runtime_image) | {"uri": args.uri},
             torch_version=torch.__version__,
             device="cuda" if args.device == "cuda" else "cpu",
             device_name=torch.cuda.get_device_name() if args.device == "cuda" else None,
             device_capability=device_capability(args.device),
-            signature=signature,
+            signature=source.signature,
             batch_min=batch.min,
             batch_max=batch.max,
-            package_bytes=(staging / PACKAGE_NAME).stat().st_size,
-            package_sha256=sha256_file(staging / PACKAGE_NAME),
-            runner_so=str(so.relative_to(staging)),
-            runner_so_sha256=sha256_file(so),
-            compile_seconds=round(compile_seconds, 3),
+            batch_dim=batch.dim,
+            note=NOTES[engine].format(mode=args.spec.mode.value) if engine in NOTES else None,
+            **built,
         )
         manifest.write(staging)
         batches = validation_batches(batch.min, batch.max)
@@ -214,8 +244,49 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress(f"compiled in {time.monotonic() - start:.1f} s: {manifest.package_bytes} bytes")
+    progress(f"built the {engine} artifact in {time.monotonic() - start:.1f} s: {manifest.package_bytes} bytes")
     return manifest
+
+
+def _build(engine: Engine, source: Source, reference: Path, staging: Path, args: CompileArgs) -> dict[str, Any]:
+    """Write the engine's files into `staging`; the manifest fields that describe them."""
+    from kiln.runtime.loader import sha256_file
+
+    compile_start = time.monotonic()
+    extra: dict[str, Any] = {}
+    others: list[Path] = []
+    if engine == "aotinductor":
+        from kiln.runtime import aot
+
+        configs = aot.inductor_configs(args.spec)
+        assert source.program is not None  # only TorchScript comes without a program, and it has its own engine
+        with step(f"AOTInductor compile (configs {configs or 'default'})"):
+            aot.compile_package(source.program, staging / PACKAGE_NAME, configs)
+        compile_seconds = time.monotonic() - compile_start
+        with step("extract runner library"):
+            so = aot.extract_runner(staging / PACKAGE_NAME, staging / RUNNER_DIR)
+        package = staging / PACKAGE_NAME
+        extra = {"runner_so": str(so.relative_to(staging)), "runner_so_sha256": sha256_file(so)}
+    elif engine == "openvino":
+        from kiln.runtime import openvino_ir
+
+        assert source.program is not None
+        with step("OpenVINO: convert to IR and compile the CPU blob"):
+            package, *others = openvino_ir.build(source.program, staging)
+        compile_seconds = time.monotonic() - compile_start
+        extra = {"files": {p.name: sha256_file(p) for p in others}}
+    else:
+        package = staging / ("model.ts" if engine == "torchscript" else "program.pt2")
+        with step(f"store the {engine}"):
+            shutil.copyfile(reference, package)
+        compile_seconds = time.monotonic() - compile_start
+    return {
+        "package_file": package.name,
+        "package_bytes": sum(p.stat().st_size for p in [package, *others]),
+        "package_sha256": sha256_file(package),
+        "compile_seconds": round(compile_seconds, 3),
+        **extra,
+    }
 
 
 def summary(manifest: Manifest, cache_dir: Path) -> str:
@@ -229,6 +300,8 @@ def summary(manifest: Manifest, cache_dir: Path) -> str:
             "compileSeconds": manifest.compile_seconds,
             "torchVersion": manifest.torch_version,
             "deviceCapability": manifest.device_capability,
+            "engine": manifest.engine,
+            "note": manifest.note,
         },
         separators=(",", ":"),
     )

@@ -29,6 +29,7 @@ class BatchSettings:
     max_batch_size: int
     max_delay_ms: float
     max_queue: int
+    batchable: bool = True
 
 
 def describe(spec: TensorSpec) -> str:
@@ -81,10 +82,10 @@ class DataPlane:
             outputs = model.fn([t.to(device, non_blocking=True) for t in inputs])
             return [o.cpu() for o in outputs]
 
-        def merge_on_device(requests: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        def merge_on_device(requests: list[list[torch.Tensor]], dim: int) -> list[torch.Tensor]:
             # Concatenating large inputs on the host was the model thread's biggest cost
             # (py-spy on the H100, docs/benchmarks.md): copy each to the GPU and join them there.
-            return concat([[t.to(device, non_blocking=True) for t in inputs] for inputs in requests])
+            return concat([[t.to(device, non_blocking=True) for t in inputs] for inputs in requests], dim)
 
         self.batcher = Batcher(
             call,
@@ -94,6 +95,8 @@ class DataPlane:
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
             pending=lambda: self.active,
             merge=None if device == "cpu" else merge_on_device,
+            dim=model.batch_dim,
+            batchable=self.batching.batchable,
         )
         self.batcher.start()
         self.ready = True
@@ -118,7 +121,12 @@ class DataPlane:
             platform=f"kiln_{self.model.loader}",
             inputs=[MetadataTensor(**s.model_dump()) for s in sig.inputs],
             outputs=[MetadataTensor(**s.model_dump()) for s in sig.outputs],
-            parameters={"max_batch_size": self.max_rows(self.model)},
+            parameters={
+                "max_batch_size": self.max_rows(self.model),
+                "batch_dim": self.model.batch_dim,
+                "batchable": self.batching.batchable,
+                **self.model.threads,
+            },
         )
 
     def decode(
@@ -145,11 +153,13 @@ class DataPlane:
                 e != -1 and g != e for g, e in zip(inp.shape, spec.shape, strict=True)
             ):
                 raise InvalidInput(f"input {spec.name!r} has shape {inp.shape}, expected {spec.shape} (-1: batch)")
-            limit = self.max_rows(self.model)
-            if not 1 <= inp.shape[0] <= limit:
-                raise InvalidInput(f"input {spec.name!r} has batch size {inp.shape[0]}, expected 1..{limit}")
+            limit, size = self.max_rows(self.model), inp.shape[self.model.batch_dim]
+            if not 1 <= size <= limit:
+                raise InvalidInput(
+                    f"input {spec.name!r} has batch size {size} (dimension {self.model.batch_dim}), expected 1..{limit}"
+                )
             tensors.append(from_rest(inp, binary.get(spec.name)))
-            rows.add(inp.shape[0])
+            rows.add(size)
         if len(rows) != 1:
             raise InvalidInput(f"all inputs must share one batch size, got {sorted(rows)}")
         return tensors, rows.pop()

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,19 @@ class LoadedModel:
     batch_max: int
     loader: str
     device: str
+    batch_dim: int = 0
+    threads: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JitArgs:
+    """torch.compile's arguments for mode jit (TorchModel spec.compile.jit and inductorMode)."""
+
+    mode: str = "default"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    backend: str = "inductor"
+    disable: bool = False
 
 
 def device_capability(device: str) -> str | None:
@@ -90,45 +103,78 @@ def _package(package: Path) -> ModelFn:
     return run
 
 
-def load_aot(folder: Path, device: str) -> LoadedModel:
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    for name, digest in files.items():
+        if sha256_file(folder / name) != digest:
+            raise ArtifactMismatch(
+                f"{folder / name} does not match the sha256 in its manifest: the cached artifact is corrupt"
+            )
+
+
+def load_artifact(folder: Path, device: str, threads: int = 0, jit: JitArgs | None = None) -> LoadedModel:
+    """Load whatever engine the manifest names; `jit` applies to prepared ExportedPrograms only."""
     manifest = Manifest.read(folder)
     check_manifest(manifest, device)
+    if manifest.engine == "aotinductor":
+        fn, loader = _load_aotinductor(folder, manifest, device)
+    else:
+        verify_files(folder, {manifest.package_file: manifest.package_sha256, **manifest.files})
+        package = folder / manifest.package_file
+        if manifest.engine == "exported-program":
+            return load_program(package, device, jit, manifest.batch_max, manifest.batch_dim)
+        if manifest.engine == "openvino":
+            from kiln.runtime import openvino_ir
+
+            fn, loader = openvino_ir.load(folder, threads), "openvino"
+        else:
+            fn, loader = _torchscript(package, device), "torchscript"
+    return LoadedModel(fn, manifest.signature, manifest.batch_max, loader, device, manifest.batch_dim)
+
+
+def _torchscript(path: Path, device: str) -> ModelFn:
+    script = torch.jit.load(str(path), map_location=device)
+
+    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tree_leaves(script(*inputs)))
+
+    return run
+
+
+def _load_aotinductor(folder: Path, manifest: Manifest, device: str) -> tuple[ModelFn, str]:
     loader = os.environ.get("KILN_LOADER", "runner")
-    fn: ModelFn | None = None
     if loader == "runner" and manifest.runner_so:
         so = folder / manifest.runner_so
         if manifest.runner_so_sha256 and sha256_file(so) != manifest.runner_so_sha256:
             raise ArtifactMismatch(f"{so} does not match the sha256 in its manifest: the cached artifact is corrupt")
         try:
-            fn = _runner(so, device)
+            return _runner(so, device), "runner"
         except (AttributeError, RuntimeError, TypeError) as exc:
             log.warning("AOTI runner could not load %s (%s); falling back to aoti_load_package", so, exc)
-            loader = "package"
-    if fn is None:
-        package = folder / PACKAGE_NAME
-        if sha256_file(package) != manifest.package_sha256:
-            raise ArtifactMismatch(
-                f"{package} does not match the sha256 in its manifest: the cached artifact is corrupt"
-            )
-        fn, loader = _package(package), "package"
-    return LoadedModel(fn, manifest.signature, manifest.batch_max, loader, device)
+    verify_files(folder, {PACKAGE_NAME: manifest.package_sha256})
+    return _package(folder / PACKAGE_NAME), "package"
 
 
-def load_program(path: Path, device: str, compiled: bool, inductor_mode: str, batch_max: int) -> LoadedModel:
-    """eager: the ExportedProgram's module as is; jit: the same under torch.compile."""
+def load_program(path: Path, device: str, jit: JitArgs | None, batch_max: int, batch_dim: int = 0) -> LoadedModel:
+    """eager (jit None): the ExportedProgram's module as is; jit: the same under torch.compile."""
     # torch.export pulls in dynamo and sympy: imported here, so the aot path never pays for it.
     from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, to_device, with_dynamic_batch
 
     program, device = to_device(load_exported(path), device)
-    if not has_dynamic_batch(program):
-        program = with_dynamic_batch(program, 1, batch_max, device)
+    if not has_dynamic_batch(program, batch_dim):
+        program = with_dynamic_batch(program, 1, batch_max, device, batch_dim)
     module = program.module()
     call: Callable[..., object] = module
-    if compiled:
-        mode = None if inductor_mode == "default" else inductor_mode
-        call = torch.compile(module, mode=mode, dynamic=True)
+    if jit is not None and not jit.disable:
+        call = torch.compile(
+            module,
+            mode=None if jit.mode == "default" else jit.mode,
+            fullgraph=jit.fullgraph,
+            dynamic=jit.dynamic,
+            backend=jit.backend,
+        )
 
     def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(tree_leaves(call(*inputs)))
 
-    return LoadedModel(run, signature_of(program), batch_max, "jit" if compiled else "eager", device)
+    loader = "eager" if jit is None or jit.disable else ("jit" if jit.backend == "inductor" else f"jit-{jit.backend}")
+    return LoadedModel(run, signature_of(program, batch_dim), batch_max, loader, device, batch_dim)

@@ -28,7 +28,7 @@ from pydantic import ValidationError as WireError
 from kiln import __version__
 from kiln.runtime.dataplane import BatchSettings, DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
-from kiln.runtime.loader import LoadedModel
+from kiln.runtime.loader import JitArgs, LoadedModel
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest, ServerMetadata
 from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
@@ -150,6 +150,13 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
         return error_response(exc)
 
 
+def jit_args(settings: ServeSettings) -> JitArgs | None:
+    if settings.mode != "jit":
+        return None
+    dynamic = None if settings.jit_dynamic == "auto" else settings.jit_dynamic == "true"
+    return JitArgs(settings.inductor_mode, settings.jit_fullgraph, dynamic, settings.jit_backend, settings.jit_disable)
+
+
 def model_loader(settings: ServeSettings) -> LoadedModel:
     """Load the model the settings name (runs in a worker thread)."""
     import torch
@@ -160,21 +167,24 @@ def model_loader(settings: ServeSettings) -> LoadedModel:
     torch.set_num_threads(threads)
     if settings.inter_op_threads:
         torch.set_num_interop_threads(settings.inter_op_threads)
-    if settings.mode == "aot":
-        return loader.load_aot(Path(settings.artifact), settings.device)
-    from kiln.runtime.fetch import fetch
+    pools = {"intra_op_threads": threads, "inter_op_threads": torch.get_num_interop_threads()}
+    if settings.artifact:
+        model = loader.load_artifact(Path(settings.artifact), settings.device, threads, jit_args(settings))
+    else:
+        from kiln.runtime.fetch import fetch
 
-    local = Path("/tmp/kiln-serve-archive.pt2")
-    fetched = fetch(
-        settings.archive,
-        local,
-        sha256=settings.archive_sha256 or None,
-        max_bytes=8 << 30,
-        pvc_root=Path(settings.pvc_root),
-    )
-    return loader.load_program(
-        fetched.path, settings.device, settings.mode == "jit", settings.inductor_mode, settings.max_batch_size
-    )
+        fetched = fetch(
+            settings.archive,
+            Path("/tmp/kiln-serve-archive.pt2"),
+            sha256=settings.archive_sha256 or None,
+            max_bytes=8 << 30,
+            pvc_root=Path(settings.pvc_root),
+        )
+        model = loader.load_program(
+            fetched.path, settings.device, jit_args(settings), settings.max_batch_size, settings.batch_dim
+        )
+    model.threads = pools
+    return model
 
 
 class DrainingServer(uvicorn.Server):
@@ -206,7 +216,7 @@ class App:
         self.metrics = Metrics()
         self.plane = DataPlane(
             settings.model_name,
-            BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue),
+            BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable),
             self.metrics,
         )
         self.failure: str | None = None

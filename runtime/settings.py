@@ -11,16 +11,37 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kiln.api import JitBackend
+
 
 def cpu_limit() -> int:
-    """The pod's CPU limit (cgroup v2 cpu.max), else the CPUs this process may use."""
+    """The pod's CPU limit, never the node's core count when a limit is set.
+
+    From the cgroup (v2 cpu.max), else KILN_CPU_LIMIT (the operator sets it from the
+    container's limits.cpu through the downward API, which works on cgroup v1 too),
+    else the CPUs this process may run on.
+    """
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             return max(1, int(int(quota) / int(period)))
     except (OSError, ValueError):
         pass
+    declared = os.environ.get("KILN_CPU_LIMIT", "")
+    if declared.isdigit() and int(declared) > 0:
+        return min(int(declared), len(os.sched_getaffinity(0)))
     return len(os.sched_getaffinity(0))
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+JIT_BACKENDS = tuple(b.value for b in JitBackend)
 
 
 def opt(default: object, doc: str) -> Any:
@@ -34,7 +55,9 @@ class ServeSettings:
     mode: str = opt(
         "aot", "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is."
     )
-    artifact: str = opt("", "aot: the artifact folder `<cache>/<key>` holding manifest.json and model.pt2.")
+    artifact: str = opt(
+        "", "The artifact folder `<cache>/<key>` kiln-compile published (aot; jit/eager for prepared archives)."
+    )
     archive: str = opt("", "jit/eager: URI of the ExportedProgram archive.")
     archive_sha256: str = opt("", "jit/eager: expected sha256 of the archive.")
     device: str = opt("cpu", "cpu or cuda.")
@@ -47,7 +70,13 @@ class ServeSettings:
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")
     inductor_mode: str = opt("default", "jit: torch.compile mode.")
-    intra_op_threads: int = opt(0, "torch intra-op threads; 0: the pod's CPU limit.")
+    jit_fullgraph: bool = opt(False, "jit: torch.compile(fullgraph=...): fail instead of breaking the graph.")
+    jit_dynamic: str = opt("auto", "jit: torch.compile(dynamic=...): true, false or auto (None).")
+    jit_backend: str = opt("inductor", "jit: torch.compile backend (inductor, aot_eager, eager, cudagraphs).")
+    jit_disable: bool = opt(False, "jit: serve without torch.compile (torch.compile(disable=True)).")
+    batch_dim: int = opt(0, "jit/eager archives: the batch dimension (artifacts record theirs in the manifest).")
+    batchable: bool = opt(True, "false: never merge requests (each runs alone), for models whose inputs must not mix.")
+    intra_op_threads: int = opt(0, "torch intra-op threads (OpenVINO: inference threads); 0: the pod's CPU limit.")
     inter_op_threads: int = opt(0, "torch inter-op threads; 0: torch's default.")
     drain_seconds: float = opt(
         0.0, "On SIGTERM, report not-ready and keep serving this long first, while endpoints drop the pod."
@@ -63,7 +92,7 @@ def parse_settings(argv: list[str] | None) -> ServeSettings:
     )
     for f in fields(ServeSettings):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        kind: Any = _flag if isinstance(f.default, bool) else type(f.default)
         env = os.environ.get("KILN_" + f.name.upper())
         default = kind(env) if env is not None else f.default
         parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['doc']} (env KILN_{f.name.upper()})")
@@ -73,6 +102,12 @@ def parse_settings(argv: list[str] | None) -> ServeSettings:
         parser.error(f"--mode must be aot, jit or eager, not {settings.mode!r}")
     if settings.mode == "aot" and not settings.artifact:
         parser.error("--mode aot needs --artifact (the <cache>/<key> folder)")
-    if settings.mode != "aot" and not settings.archive:
-        parser.error(f"--mode {settings.mode} needs --archive (URI of the ExportedProgram)")
+    if settings.mode != "aot" and not (settings.archive or settings.artifact):
+        parser.error(
+            f"--mode {settings.mode} needs --archive (an ExportedProgram) or --artifact (prepared by kiln-compile)"
+        )
+    if settings.jit_dynamic not in ("auto", "true", "false"):
+        parser.error(f"--jit-dynamic must be true, false or auto, not {settings.jit_dynamic!r}")
+    if settings.jit_backend not in JIT_BACKENDS:
+        parser.error(f"--jit-backend must be one of {', '.join(JIT_BACKENDS)}, not {settings.jit_backend!r}")
     return settings

@@ -90,7 +90,7 @@ def example_inputs(signature: Signature, batch: int, device: str, seed: int = 0)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for spec in signature.inputs:
-        shape = [batch, *spec.shape[1:]]
+        shape = [batch if d == -1 else d for d in spec.shape]
         dtype = DATATYPES[spec.datatype][0]
         if dtype.is_floating_point:
             t = torch.randn(shape, generator=gen).to(dtype)

@@ -1,4 +1,4 @@
-"""Validate a compiled artifact in a child process, exactly as kiln-serve loads it.
+"""Validate an artifact in a child process, exactly as kiln-serve loads it, against the program it came from.
 
 Compile path. A library that crashes on load (see shared/notes/gpu-findings.md:
 a segfault inside std::regex) kills only the child, and the compile fails with a
@@ -56,14 +56,17 @@ def _child(argv: list[str]) -> int:
     import torch
 
     from kiln.runtime.export import load_exported
-    from kiln.runtime.loader import load_aot
+    from kiln.runtime.loader import load_artifact
     from kiln.runtime.tensors import example_inputs
 
     artifact, program_path, device, batches_arg, atol_arg, rtol_arg = argv
     batches = [int(b) for b in batches_arg.split(",")]
     atol, rtol = float(atol_arg), float(rtol_arg)
-    model = load_aot(Path(artifact), device)
-    reference = load_exported(Path(program_path)).module()
+    model = load_artifact(Path(artifact), device)
+    if model.loader == "torchscript":  # the reference is the TorchScript file itself: this checks load and shapes
+        reference = torch.jit.load(program_path, map_location=device)
+    else:
+        reference = load_exported(Path(program_path)).module()
     max_abs = max_rel = 0.0
     with torch.inference_mode():
         for batch in batches:
