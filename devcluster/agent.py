@@ -61,6 +61,11 @@ class Agent:
         self.stopping = threading.Event()
         (root / "control").mkdir(parents=True, exist_ok=True)
 
+    def node_cpu(self, pod: client.V1Pod) -> int:
+        """The allocatable CPUs of the pod's node, as its Node reports them."""
+        spec = self.nodes.get(pod.spec.node_name or "", {})
+        return int(spec.get("cpu", os.cpu_count() or 2))
+
     # -- images and addresses -----------------------------------------------------------------
     def entrypoint(self, image: str) -> list[str]:
         name = image.rsplit("@", 1)[0]

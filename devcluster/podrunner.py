@@ -185,7 +185,7 @@ class PodRunner(threading.Thread):
             secret = self.agent.core.read_namespaced_secret(ref.secret_key_ref.name, self.ns)
             return base64.b64decode((secret.data or {}).get(ref.secret_key_ref.key, "")).decode()
         if ref.resource_field_ref:
-            return "1"
+            return volumes.resource_value(self.pod, ref.resource_field_ref, self.agent.node_cpu(self.pod))
         return ""
 
     def command_for(self, spec: client.V1Container, env: dict[str, str]) -> list[str]:

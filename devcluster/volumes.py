@@ -10,6 +10,7 @@ once at start. Each mount becomes a bind mount at its mountPath (read-only when 
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,29 @@ def field_value(pod: client.V1Pod, path: str) -> str:
     if path.startswith("metadata.annotations['"):
         return (meta.annotations or {}).get(path[len("metadata.annotations['") : -2], "")
     return str(values.get(path, ""))
+
+
+def _quantity(text: str) -> float:
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def resource_value(pod: client.V1Pod, ref: client.V1ResourceFieldSelector, node_cpu: int) -> str:
+    """The downward API's resourceFieldRef: the container's limit (or request) over the divisor, rounded up.
+
+    As the kubelet does, a limit that is not set reads as the node's allocatable amount.
+    """
+    kind, _, resource = ref.resource.partition(".")
+    container = next((c for c in pod.spec.containers if c.name == ref.container_name), pod.spec.containers[0])
+    values = getattr(container.resources, kind, None) or {}
+    raw = values.get(resource)
+    if raw is None:
+        raw = str(node_cpu) if resource == "cpu" else "0"
+    divisor = _quantity(str(ref.divisor or "1"))
+    return str(max(1, math.ceil(_quantity(str(raw)) / divisor)))
 
 
 def prepare(core: client.CoreV1Api, pod: client.V1Pod, pod_dir: Path, root: Path) -> dict[str, tuple[Path, bool]]:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kiln.api import API_VERSION, CompiledArtifact, CompileMode, RolloutStrategy, Target, TorchModel, json_ready
+from kiln.keys import compile_identity
 from kiln.operator import naming
 from kiln.operator.settings import OperatorSettings
 
@@ -80,7 +81,7 @@ def artifact(namespace: str, key: str, model: TorchModel, target: Target, settin
         "spec": {
             "key": key,
             "archive": json_ready(model.spec.archive),
-            "compile": json_ready(model.spec.compile),
+            "compile": compile_identity(model.spec.compile),
             "target": target.gpu,
             "runtimeImage": settings.runtime_image,
         },
@@ -92,9 +93,12 @@ def compile_args(art: CompiledArtifact, device: str) -> list[str]:
     args = [
         f"--uri={spec.archive.uri}",
         f"--format={spec.archive.format.value}",
+        f"--mode={spec.compile.mode.value}",
+        f"--backend={spec.compile.backend.value}",
         f"--inductor-mode={spec.compile.inductor_mode.value}",
         f"--batch-min={spec.compile.dynamic_batch.min}",
         f"--batch-max={spec.compile.dynamic_batch.max}",
+        f"--batch-dim={spec.compile.dynamic_batch.dim}",
         f"--device={device}",
         f"--target={spec.target}",
         f"--cache={CACHE_MOUNT}",
@@ -206,7 +210,7 @@ def _owner(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
 
 def _serve_args(model: TorchModel, name: str, target: Target, key: str | None, settings: OperatorSettings) -> list[str]:
     spec = model.spec
-    batching, threads = spec.serving.batching, spec.serving.threads
+    batching, threads, jit = spec.serving.batching, spec.serving.threads, spec.compile.jit
     args = [
         f"--mode={spec.compile.mode.value}",
         f"--model-name={name}",
@@ -216,18 +220,28 @@ def _serve_args(model: TorchModel, name: str, target: Target, key: str | None, s
         f"--max-batch-size={min(batching.max_batch_size, spec.compile.dynamic_batch.max)}",
         f"--max-delay-ms={batching.max_delay_ms}",
         f"--max-queue={batching.max_queue}",
+        f"--batchable={str(batching.batchable).lower()}",
         f"--intra-op-threads={threads.intra_op}",
         f"--inter-op-threads={threads.inter_op}",
         f"--pvc-root={PVC_ROOT}",
         f"--drain-seconds={DRAIN_SECONDS}",
     ]
-    if spec.compile.mode == CompileMode.aot:
+    if key is not None:  # a compile Job built it: aot, or an archive prepared for jit/eager
         args.append(f"--artifact={CACHE_MOUNT}/{key}")
     else:
         args.append(f"--archive={spec.archive.uri}")
-        args.append(f"--inductor-mode={spec.compile.inductor_mode.value}")
+        args.append(f"--batch-dim={spec.compile.dynamic_batch.dim}")
         if spec.archive.sha256:
             args.append(f"--archive-sha256={spec.archive.sha256}")
+    if spec.compile.mode == CompileMode.jit:
+        dynamic = "auto" if jit.dynamic is None else str(jit.dynamic).lower()
+        args += [
+            f"--inductor-mode={spec.compile.inductor_mode.value}",
+            f"--jit-backend={jit.backend.value}",
+            f"--jit-fullgraph={str(jit.fullgraph).lower()}",
+            f"--jit-dynamic={dynamic}",
+            f"--jit-disable={str(jit.disable).lower()}",
+        ]
     return args
 
 
@@ -248,7 +262,14 @@ def deployment(
     node_selector, gpu_limits = _gpu_placement(target, settings)
     archive_volumes, archive_mounts = _archive_volume(model.spec.archive.uri)
     jit = model.spec.compile.mode == CompileMode.jit
-    env: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # Thread pools default to the container's CPU limit, not the node's cores (see kiln-serve's cpu_limit).
+        {
+            "name": "KILN_CPU_LIMIT",
+            "valueFrom": {"resourceFieldRef": {"containerName": "serve", "resource": "limits.cpu", "divisor": "1"}},
+        },
+    ]
     if jit:  # torch.compile's cache, shared by the replicas of one target
         env.append({"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_MOUNT}/inductor/{naming.slug(target.gpu)}"})
     resources = json_ready(model.spec.serving.resources)

@@ -16,12 +16,12 @@ from kiln.api import (
     ArtifactPhase,
     CompiledArtifact,
     CompiledArtifactStatus,
-    CompileMode,
     Condition,
     Target,
     TargetStatus,
     TorchModel,
     TorchModelStatus,
+    needs_artifact,
 )
 from kiln.keys import cache_key
 from kiln.operator import children, naming
@@ -55,10 +55,10 @@ class PlannedTarget:
 
 
 def plan_targets(model: TorchModel, settings: OperatorSettings) -> list[PlannedTarget]:
-    aot = model.spec.compile.mode == CompileMode.aot
+    built = needs_artifact(model.spec.archive, model.spec.compile)
     digest = archive_identity(model)
     return [
-        PlannedTarget(t, cache_key(digest, model.spec.compile, t.gpu, settings.runtime_image) if aot else None)
+        PlannedTarget(t, cache_key(digest, model.spec.compile, t.gpu, settings.runtime_image) if built else None)
         for t in model.spec.targets
     ]
 
@@ -336,7 +336,7 @@ def reconcile_artifact(
                 update={
                     "phase": ArtifactPhase.ready,
                     "job": name,
-                    "message": "compiled",
+                    "message": summary.get("note") or "compiled",
                     "path": summary.get("path"),
                     "size_bytes": summary.get("sizeBytes"),
                     "sha256": summary.get("sha256"),

@@ -221,6 +221,14 @@ def test_an_unreachable_archive_fails_with_the_reason_in_status(kube: Kube, oper
         ('{"compile": {"mode": "fast"}}', 'spec.compile.mode: Unsupported value: "fast"'),
         ('{"targets": []}', "spec.targets"),
         ('{"surprise": 1}', 'unknown field "spec.surprise"'),
+        ('{"archive": {"uri": "file:///m.onnx", "format": "onnx"}}', 'spec.archive.format: Unsupported value: "onnx"'),
+        ('{"compile": {"mode": "jit", "jit": {"backend": "tvm"}}}', "spec.compile.jit.backend: Unsupported value"),
+        (
+            '{"compile": {"backend": "openvino"}, "targets": [{"gpu": "NVIDIA-H100-80GB-HBM3"}]}',
+            "backend openvino builds CPU artifacts: every target must be gpu: cpu",
+        ),
+        ('{"compile": {"backend": "openvino", "mode": "eager"}}', "backend openvino compiles ahead of time"),
+        ('{"compile": {"dynamicBatch": {"dim": 9}}}', "spec.compile.dynamicBatch.dim: Invalid value: 9"),
     ],
 )
 def test_an_invalid_spec_is_rejected_by_the_api_server_naming_the_field(

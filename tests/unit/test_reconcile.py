@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from kiln.api import ArtifactPhase, CompiledArtifact, CompiledArtifactStatus, TorchModel
 from kiln.operator import naming
 from kiln.operator.reconcile import ObservedTarget, plan_targets, reconcile_artifact, reconcile_model
@@ -112,3 +115,64 @@ def test_one_at_a_time_rollout_needs_no_extra_gpu() -> None:
     observed = {"cpu": ObservedTarget(artifact=CompiledArtifactStatus(phase=ArtifactPhase.ready))}
     dep = reconcile_model(m, observed, "uid", SETTINGS, NOW).deployments[0]
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_archives_that_run_user_code_get_a_compile_job_even_for_eager_and_jit() -> None:
+    """model.py runs only in the compile Job: jit and eager pods load the program it prepared."""
+    plain_eager = model(compile={"mode": "eager"})
+    assert plain_eager.spec.archive.format.value == "exported-program"
+    assert plain_eager.spec.targets and plain_eager.spec.compile.mode.value == "eager"
+    assert plan_targets(plain_eager, SETTINGS)[0].key is None
+    bundle = model(
+        archive={"uri": "file:///m.tar.gz", "sha256": "a" * 64, "format": "module-and-weights"},
+        compile={"mode": "jit", "jit": {"backend": "aot_eager", "fullgraph": True}},
+    )
+    key = plan_targets(bundle, SETTINGS)[0].key
+    assert key is not None
+    result = reconcile_model(bundle, {}, "uid", SETTINGS, NOW)
+    assert result.artifacts and not result.deployments  # nothing serves before the program is prepared
+    art = CompiledArtifact(metadata={"name": "a", "namespace": "ns"}, spec=result.artifacts[0]["spec"])
+    job = reconcile_artifact(art, None, [], ["m"], "uid", SETTINGS, NOW).job
+    assert job is not None
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--format=module-and-weights" in args and "--mode=jit" in args
+    observed = {"cpu": ObservedTarget(artifact=CompiledArtifactStatus(phase=ArtifactPhase.ready))}
+    pod_args = reconcile_model(bundle, observed, "uid", SETTINGS, NOW).deployments[0]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert f"--artifact=/cache/{key}" in pod_args and "--jit-backend=aot_eager" in pod_args
+    assert "--jit-fullgraph=true" in pod_args and not any(a.startswith("--archive=") for a in pod_args)
+
+
+def test_jit_arguments_roll_pods_but_never_change_the_artifact() -> None:
+    one = model(compile={"mode": "aot"})
+    two = model(compile={"mode": "aot", "jit": {"fullgraph": True}})
+    assert plan_targets(one, SETTINGS)[0].key == plan_targets(two, SETTINGS)[0].key
+    changed = model(compile={"backend": "openvino"})
+    assert plan_targets(changed, SETTINGS)[0].key != plan_targets(one, SETTINGS)[0].key
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"compile": {"backend": "openvino"}, "targets": [{"gpu": "NVIDIA-H100-80GB-HBM3"}]}, "every target must be"),
+        ({"compile": {"backend": "openvino", "mode": "jit"}}, "it needs mode aot"),
+        ({"compile": {"mode": "jit", "jit": {"backend": "tvm"}}}, "Input should be 'inductor'"),
+    ],
+)
+def test_backends_are_validated_with_a_clear_message(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        model(**spec)
+
+
+def test_serving_pods_read_their_cpu_limit_through_the_downward_api() -> None:
+    observed = {"cpu": ObservedTarget(artifact=CompiledArtifactStatus(phase=ArtifactPhase.ready))}
+    m = model(serving={"batching": {"batchable": False}})
+    container = reconcile_model(m, observed, "uid", SETTINGS, NOW).deployments[0]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["KILN_CPU_LIMIT"] == {
+        "resourceFieldRef": {"containerName": "serve", "resource": "limits.cpu", "divisor": "1"}
+    }
+    assert "--batchable=false" in container["args"]
