@@ -52,7 +52,9 @@ def serve_command(port: int, model: str, device: str, *extra: str) -> list[str]:
     ]
 
 
-def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_max: int) -> dict[str, Any]:
+def compile_artifact(
+    name: str, archive: Path, cache: Path, device: str, batch_max: int, *extra: str
+) -> dict[str, Any]:
     term = cache.parent / f"{name}.term"
     start = time.perf_counter()
     proc = subprocess.run(
@@ -66,6 +68,7 @@ def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_m
             f"--device={device}",
             f"--batch-max={batch_max}",
             f"--termination-log={term}",
+            *extra,
         ],
         capture_output=True,
         text=True,
