@@ -52,9 +52,7 @@ def serve_command(port: int, model: str, device: str, *extra: str) -> list[str]:
     ]
 
 
-def compile_artifact(
-    name: str, archive: Path, cache: Path, device: str, batch_max: int, *extra: str
-) -> dict[str, Any]:
+def compile_artifact(name: str, archive: Path, cache: Path, device: str, batch_max: int, *extra: str) -> dict[str, Any]:
     term = cache.parent / f"{name}.term"
     start = time.perf_counter()
     proc = subprocess.run(
