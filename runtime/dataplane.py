@@ -156,7 +156,8 @@ class DataPlane:
             limit, size = self.max_rows(self.model), inp.shape[self.model.batch_dim]
             if not 1 <= size <= limit:
                 raise InvalidInput(
-                    f"input {spec.name!r} has batch size {size} (dimension {self.model.batch_dim}), expected 1..{limit}"
+                    f"input {spec.name!r} has batch size {size}, expected 1..{limit} "
+                    f"(batch dimension {self.model.batch_dim})"
                 )
             tensors.append(from_rest(inp, binary.get(spec.name)))
             rows.add(size)
