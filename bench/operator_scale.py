@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.hardware import describe
 from examples import models
+from examples.demo import start_operator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,17 +103,7 @@ def main() -> int:
         kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
         kubectl("create", "namespace", "scale")
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(cluster.kubeconfig),
-            "KILN_STANDALONE": "true",
-            "KILN_RUNTIME_IMAGE": "kiln-runtime:bench",
-            "KILN_LIVENESS_ENDPOINT": "http://127.0.0.1:0/healthz",
-        }
-        log = (work / "operator.log").open("wb")
-        operator = subprocess.Popen(
-            [sys.executable, "-P", "-m", "kiln.operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        operator = start_operator(cluster, "kiln-runtime:bench")
         time.sleep(3)  # the operator's watches are up
         cpu_before, _ = proc_usage(operator.pid)
         watcher = JobWatcher(kubectl, "scale")

@@ -15,7 +15,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.devcluster.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = Path("/var/tmp/kiln-demo/mlp.pt2")  # the path examples/torchmodel.yaml names
@@ -44,6 +47,22 @@ def wait(what: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
     return value
 
 
+def start_operator(cluster: LocalCluster, runtime_image: str, **env: str) -> subprocess.Popen[bytes]:
+    """kiln-operator as one standalone local process against `cluster`, logging into its log folder."""
+    full = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "KILN_STANDALONE": "true",
+        "KILN_RUNTIME_IMAGE": runtime_image,
+        "KILN_LIVENESS_ENDPOINT": "http://127.0.0.1:0/healthz",
+        **env,
+    }
+    log = (cluster.log_dir / "operator.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-P", "-m", "kiln.operator.main"], env=full, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
 def main() -> int:
     from examples import models
     from kiln.devcluster.cli import default_nodes, ensure_binaries
@@ -60,18 +79,7 @@ def main() -> int:
             kubectl("apply", "-f", str(ROOT / "crds"))
             kubectl("wait", "--for=condition=Established", "crd/torchmodels.kiln.dev", "--timeout=30s")
         with phase("start the operator"):
-            env = {
-                **os.environ,
-                "KUBECONFIG": str(cluster.kubeconfig),
-                "KILN_STANDALONE": "true",
-                "KILN_RUNTIME_IMAGE": "kiln-runtime:dev",
-                "KILN_RESYNC_SECONDS": "1",
-                "KILN_LIVENESS_ENDPOINT": "http://127.0.0.1:0/healthz",
-            }
-            log = (cluster.log_dir / "operator.log").open("wb")
-            operator = subprocess.Popen(
-                [sys.executable, "-P", "-m", "kiln.operator.main"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+            operator = start_operator(cluster, "kiln-runtime:dev", KILN_RESYNC_SECONDS="1")
         with phase(f"export a small MLP with torch.export to {ARCHIVE}"):
             ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
             models.export("mlp", ARCHIVE)
