@@ -6,6 +6,7 @@ these models, so a field documented here is what `kubectl explain` shows.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -41,6 +42,17 @@ ALLOWED_INDUCTOR_OPTIONS: frozenset[str] = frozenset(
 
 OPENVINO_NEEDS_AOT = "backend openvino compiles ahead of time: it needs mode aot"
 OPENVINO_NEEDS_CPU = "backend openvino builds CPU artifacts: every target must be gpu: cpu"
+# Archive URI rules the API server checks (CEL) and the models check again: (rule, regex that must
+# not match, message). Credentials in a URI would reach status, events and logs.
+URI_RULES: list[tuple[str, str]] = [
+    (
+        "^[a-z0-9]+://[^/]*@",
+        "credentials must not be part of the archive URI (they would show in status and logs): "
+        "give them to the compile Job through its service account or a Secret",
+    ),
+    ("(?i)(/|%2f)([.]|%2e)([.]|%2e)(/|%2f|$)", "'..' is not allowed in an archive URI"),
+    ("^pvc://([^/]*|[^/]*/)$", "a pvc:// URI names a claim and a path in it: pvc://CLAIM/PATH"),
+]
 
 
 class Strict(BaseModel):
@@ -84,6 +96,14 @@ class InductorMode(StrEnum):
 class ArchiveSpec(Strict):
     """Where the model comes from."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": f"!self.uri.matches('{regex}')", "message": message} for regex, message in URI_RULES
+            ]
+        }
+    )
+
     uri: Annotated[
         str,
         Field(
@@ -107,6 +127,13 @@ class ArchiveSpec(Strict):
             "torchserve-mar: a TorchServe .mar of an eager model.py and state dict, with kiln.yaml."
         ),
     ] = ArchiveFormat.exported_program
+
+    @model_validator(mode="after")
+    def _safe_uri(self) -> ArchiveSpec:
+        for regex, message in URI_RULES:
+            if re.search(regex, self.uri):
+                raise ValueError(message)
+        return self
 
 
 class DynamicBatch(Strict):
@@ -417,6 +444,10 @@ class CompiledArtifactStatus(Strict):
     torch_version: str | None = None
     job: str | None = None
     message: str = ""
+    ready_at: Annotated[str | None, Field(description="When the artifact last became Ready.")] = None
+    rebuilds: Annotated[
+        int, Field(ge=0, description="Times a serving pod found the cached artifact corrupt and it was compiled again.")
+    ] = 0
     used_by: Annotated[list[str], Field(default_factory=list, description="TorchModels that use this artifact.")]
     unused_since: Annotated[str | None, Field(description="When the last TorchModel stopped using it.")] = None
 

@@ -6,6 +6,7 @@ artifact built for another torch version or GPU; the operator reads sizes from i
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,9 @@ PACKAGE_NAME = "model.pt2"
 # The compiled library extracted from the package, loaded without inductor (see loader).
 RUNNER_DIR = "runner"
 MANIFEST_SCHEMA = 1
+# kiln-serve's termination message starts with this when a file fails its sha256: the
+# operator reads it from serving pods and compiles the key again.
+CORRUPT_REASON = "ArtifactCorrupt"
 # How kiln-serve runs the artifact: the AOTInductor library, an OpenVINO IR, a TorchScript
 # file (no AOT compile is possible for TorchScript), or an ExportedProgram that jit and
 # eager replicas load (prepared once from an archive whose user code must not run in pods).
@@ -78,9 +82,34 @@ class Manifest(BaseModel):
     validation: Validation | None = None
     note: Annotated[str | None, Field(description="What a user should know about how it is served.")] = None
 
+    def checked_files(self) -> dict[str, str]:
+        """Every file of the artifact with the sha256 it must have (relative path → digest)."""
+        files = {self.package_file: self.package_sha256, **self.files}
+        if self.runner_so and self.runner_so_sha256:
+            files[self.runner_so] = self.runner_so_sha256
+        return files
+
     @classmethod
     def read(cls, folder: Path) -> Manifest:
         return cls.model_validate_json((folder / MANIFEST_NAME).read_text())
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST_NAME).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def corrupt_files(folder: Path, files: dict[str, str]) -> list[str]:
+    """The files under `folder` that are missing or differ from their sha256."""
+    bad = []
+    for name, digest in sorted(files.items()):
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            bad.append(name)
+    return bad

@@ -112,8 +112,10 @@ def compile_args(art: CompiledArtifact, device: str) -> list[str]:
     return args
 
 
-def compile_job(art: CompiledArtifact, namespace: str, owner_uid: str, settings: OperatorSettings) -> dict[str, Any]:
-    """The one Job that compiles a key; its name derives from the key, so it is never duplicated."""
+def compile_job(
+    art: CompiledArtifact, namespace: str, owner_uid: str, settings: OperatorSettings, rebuild: int = 0
+) -> dict[str, Any]:
+    """The one Job that compiles a key (per rebuild); its name derives from both, so it is never duplicated."""
     target = Target(gpu=art.spec.target)
     selector, gpu_limits = _gpu_placement(target, settings)
     archive_volumes, archive_mounts = _archive_volume(art.spec.archive.uri)
@@ -139,7 +141,7 @@ def compile_job(art: CompiledArtifact, namespace: str, owner_uid: str, settings:
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": naming.compile_job_name(art.spec.key),
+            "name": naming.compile_job_name(art.spec.key, rebuild),
             "namespace": namespace,
             "labels": labels,
             "ownerReferences": [_owner(API_VERSION, "CompiledArtifact", art.metadata["name"], owner_uid)],
@@ -328,6 +330,16 @@ def deployment(
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 30 + DRAIN_SECONDS,
                     "nodeSelector": node_selector,
+                    # A replica on a lost node is replaced after this, not after Kubernetes' default 5 minutes.
+                    "tolerations": [
+                        {
+                            "key": f"node.kubernetes.io/{taint}",
+                            "operator": "Exists",
+                            "effect": "NoExecute",
+                            "tolerationSeconds": settings.node_lost_seconds,
+                        }
+                        for taint in ("not-ready", "unreachable")
+                    ],
                     "securityContext": _pod_security(settings),
                     "containers": [container],
                     "volumes": [

@@ -31,6 +31,7 @@ from kiln.operator import children, naming
 from kiln.operator.k8s import Cluster, plain
 from kiln.operator.reconcile import (
     ObservedTarget,
+    corruption_report,
     expired,
     plan_targets,
     reconcile_artifact,
@@ -132,6 +133,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
             owner = f"{labels.get(naming.MODEL_LABEL)}/{labels.get(naming.TARGET_LABEL)}"
         return {(namespace, owner): plain(body)}
 
+    @kopf.index("v1", "pods", labels=MANAGED, registry=registry, id="corrupt")
+    def corrupt(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        """Serving pods that stopped because their artifact failed its sha256, by artifact."""
+        key = annotations.get(naming.KEY_ANNOTATION)
+        report = corruption_report(plain(body)) if key else None
+        return {(namespace, naming.artifact_name(key)): report} if key and report else {}
+
     @kopf.index(**TM, registry=registry, id="users")
     def users(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         try:
@@ -160,7 +168,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         for planned in plan_targets(model, settings):
             child = naming.child_name(model.metadata["name"], planned.target.gpu)
             art = first(artifacts, (namespace, planned.artifact)) if planned.artifact else None
-            pod_bodies = list(pods.get((namespace, naming.compile_job_name(planned.key)), [])) if planned.key else []
+            job = (art or {}).get("job") or (naming.compile_job_name(planned.key) if planned.key else None)
+            pod_bodies = list(pods.get((namespace, job), [])) if job else []
             selector = f"{naming.label_value(model.metadata['name'])}/{naming.slug(planned.target.gpu)[:63]}"
             pod_bodies += list(pods.get((namespace, selector), []))
             observed[planned.target.gpu] = ObservedTarget(
@@ -201,12 +210,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         jobs: kopf.Index[Any, Any],
         pods: kopf.Index[Any, Any],
         users: kopf.Index[Any, Any],
+        corrupt: kopf.Index[Any, Any],
         **_: Any,
     ) -> None:
         if body.metadata.get("deletionTimestamp"):
             return
         art = parse_artifact(body)
-        job_name = naming.compile_job_name(art.spec.key)
+        job_name = naming.compile_job_name(art.spec.key, art.status.rebuilds if art.status else 0)
         job = first(jobs, (namespace, job_name))
         result = reconcile_artifact(
             art,
@@ -216,8 +226,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
             uid,
             settings,
             now(),
+            max(corrupt.get((namespace, name), []), default=None),
         )
-        if result.job is not None and job is None:
+        if result.job is not None and first(jobs, (namespace, result.job["metadata"]["name"])) is None:
             ensure_cache_claim(namespace)
             cluster.create_if_missing(result.job)
         patch_status(patch, body, result.status)

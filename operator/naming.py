@@ -22,8 +22,9 @@ def artifact_name(key: str) -> str:
     return f"art-{short_key(key)}"
 
 
-def compile_job_name(key: str) -> str:
-    return f"compile-{short_key(key)}"
+def compile_job_name(key: str, rebuild: int = 0) -> str:
+    """The compile Job of a key; a rebuild after corruption gets its own, equally derived name."""
+    return f"compile-{short_key(key)}" + (f"-r{rebuild}" if rebuild else "")
 
 
 def gc_job_name(key: str) -> str:

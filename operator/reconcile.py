@@ -24,6 +24,7 @@ from kiln.api import (
     needs_artifact,
 )
 from kiln.keys import cache_key
+from kiln.manifest import CORRUPT_REASON
 from kiln.operator import children, naming
 from kiln.operator.settings import OperatorSettings
 
@@ -311,6 +312,42 @@ class ArtifactResult:
     event: tuple[str, str, str] | None = None
 
 
+def corruption_report(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(finishedAt, message) when a serving pod's container stopped because its artifact failed sha256."""
+    state = _terminated(pod)
+    message = (state or {}).get("message") or ""
+    if state is None or not message.startswith(CORRUPT_REASON):
+        return None
+    return str(state.get("finishedAt") or ""), message.splitlines()[0][:300]
+
+
+def rebuild_for_corruption(
+    status: CompiledArtifactStatus, report: tuple[str, str] | None, max_rebuilds: int
+) -> CompiledArtifactStatus:
+    """A Ready artifact that a serving pod found corrupt after it was published is compiled again.
+
+    Only reports newer than the artifact's readyAt count: pods that crashed on the old copy
+    keep that message in lastState after the rebuild, and must not trigger another one.
+    """
+    if status.phase != ArtifactPhase.ready or report is None or not report[0] > (status.ready_at or ""):
+        return status
+    seen, message = report
+    if status.rebuilds >= max_rebuilds:
+        return status.model_copy(
+            update={
+                "phase": ArtifactPhase.failed,
+                "message": f"corrupt again after {status.rebuilds} rebuilds, check the cache volume: {message}",
+            }
+        )
+    return status.model_copy(
+        update={
+            "phase": ArtifactPhase.compiling,
+            "rebuilds": status.rebuilds + 1,
+            "message": f"compiling again: a serving pod found the cached artifact corrupt at {seen} ({message})",
+        }
+    )
+
+
 def reconcile_artifact(
     art: CompiledArtifact,
     job: dict[str, Any] | None,
@@ -319,15 +356,23 @@ def reconcile_artifact(
     uid: str,
     settings: OperatorSettings,
     now: str,
+    corrupt: tuple[str, str] | None = None,
 ) -> ArtifactResult:
-    """Ensure one compile Job per key until the artifact is Ready or Failed; derive its status."""
+    """Ensure one compile Job per key (and rebuild) until the artifact is Ready or Failed; derive its status.
+
+    `job` and `pods` are those of the Job named for the current rebuild (`compile_job_name`);
+    `corrupt` is the newest corruption report of a serving pod of this key.
+    """
     old = art.status or CompiledArtifactStatus()
     status = old.model_copy(
         update={"used_by": sorted(used_by), "unused_since": None if used_by else (old.unused_since or now)}
     )
+    status = rebuild_for_corruption(status, corrupt, settings.max_rebuilds)
+    if status.rebuilds != old.rebuilds:  # the Job and pods given were those of the previous build
+        job, pods = None, []
     want_job: dict[str, Any] | None = None
-    if old.phase not in (ArtifactPhase.ready, ArtifactPhase.failed):
-        want_job = children.compile_job(art, art.metadata["namespace"], uid, settings)
+    if status.phase not in (ArtifactPhase.ready, ArtifactPhase.failed):
+        want_job = children.compile_job(art, art.metadata["namespace"], uid, settings, status.rebuilds)
         name = want_job["metadata"]["name"]
         summary = job_success(pods) if job else None
         failure = job_failure(job, pods) if job else None
@@ -335,6 +380,7 @@ def reconcile_artifact(
             status = status.model_copy(
                 update={
                     "phase": ArtifactPhase.ready,
+                    "ready_at": now,
                     "job": name,
                     "message": summary.get("note") or "compiled",
                     "path": summary.get("path"),
@@ -349,6 +395,8 @@ def reconcile_artifact(
         else:
             waiting = unschedulable(pods)
             message = f"waiting for a node: {waiting}" if waiting else ("compiling" if pods else "compile job created")
+            if status.rebuilds:
+                message += f" (rebuild {status.rebuilds}: a serving pod found the cached artifact corrupt)"
             status = status.model_copy(update={"phase": ArtifactPhase.compiling, "job": name, "message": message})
     event = None
     if status.phase != old.phase:

@@ -31,6 +31,17 @@ class OperatorSettings(BaseSettings):
     compile_ttl_seconds: Annotated[int, Field(ge=0, description="ttlSecondsAfterFinished of a compile Job.")] = 3600
     compile_cpu: Annotated[str, Field(description="CPU request of a compile pod.")] = "1"
     compile_memory: Annotated[str, Field(description="Memory request of a compile pod.")] = "2Gi"
+    node_lost_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="How long serving pods stay bound to a node that stopped reporting before Kubernetes "
+            "evicts and replaces them (their NoExecute tolerations; Kubernetes' default is 300).",
+        ),
+    ] = 60
+    max_rebuilds: Annotated[
+        int, Field(ge=0, description="Compiles again after serving pods find an artifact corrupt, before Failed.")
+    ] = 3
     artifact_gc_grace_seconds: Annotated[
         int, Field(ge=0, description="How long an artifact no TorchModel uses is kept before it and its files go.")
     ] = 3600

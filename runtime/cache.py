@@ -12,9 +12,12 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from kiln.manifest import MANIFEST_NAME
+from pydantic import ValidationError
+
+from kiln.manifest import MANIFEST_NAME, Manifest, corrupt_files
 
 
 def artifact_dir(cache: Path, key: str) -> Path:
@@ -23,6 +26,29 @@ def artifact_dir(cache: Path, key: str) -> Path:
 
 def is_published(cache: Path, key: str) -> bool:
     return (artifact_dir(cache, key) / MANIFEST_NAME).is_file()
+
+
+def reusable(cache: Path, key: str, say: Callable[[str], None] = print) -> Manifest | None:
+    """The published artifact of `key` if every file matches its sha256; a corrupt one is removed.
+
+    A serving pod that finds the artifact corrupt makes the operator run this key's
+    compile again; this is where that compile throws the damaged copy away.
+    """
+    if not is_published(cache, key):
+        return None
+    folder = artifact_dir(cache, key)
+    try:
+        manifest = Manifest.read(folder)
+        bad = corrupt_files(folder, manifest.checked_files())
+    except (OSError, ValueError, ValidationError) as exc:
+        bad = [f"{MANIFEST_NAME} ({exc.__class__.__name__})"]
+    if not bad:
+        return manifest
+    say(f"cached artifact {key} is corrupt ({', '.join(bad)} fail their sha256): removing it and compiling again")
+    trash = Path(tempfile.mkdtemp(prefix=f".corrupt-{key}-", dir=cache))
+    folder.rename(trash / key)  # one rename: a reader sees the whole folder or none
+    shutil.rmtree(trash, ignore_errors=True)
+    return None
 
 
 def staging_dir(cache: Path, key: str) -> Path:
@@ -48,7 +74,7 @@ def remove(cache: Path, key: str) -> None:
     """Delete an artifact and any staging folder of its key (the operator's cache GC Job)."""
     if not re.fullmatch(r"[0-9a-f]{64}", key):
         raise ValueError(f"not a cache key: {key!r}")
-    for folder in [artifact_dir(cache, key), *cache.glob(f".staging-{key}-*")]:
+    for folder in [artifact_dir(cache, key), *cache.glob(f".staging-{key}-*"), *cache.glob(f".corrupt-{key}-*")]:
         shutil.rmtree(folder, ignore_errors=True)
 
 

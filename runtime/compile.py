@@ -28,7 +28,7 @@ from pydantic import ValidationError as SpecError
 
 from kiln.api import ArchiveFormat, CompileBackend, CompileMode, CompileSpec, DynamicBatch, InductorMode
 from kiln.keys import cache_key, key_inputs
-from kiln.manifest import PACKAGE_NAME, RUNNER_DIR, Engine, Manifest
+from kiln.manifest import PACKAGE_NAME, RUNNER_DIR, Engine, Manifest, sha256_file
 from kiln.runtime import cache
 from kiln.runtime.errors import KilnError
 from kiln.runtime.unpack import Limits
@@ -174,9 +174,9 @@ NOTES: dict[Engine, str] = {
 def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
     from kiln.runtime.fetch import fetch
 
-    if args.key and cache.is_published(args.cache_dir, args.key):
-        progress(f"artifact {args.key} is already in the cache; nothing to do")
-        return Manifest.read(cache.artifact_dir(args.cache_dir, args.key))
+    if args.key and (cached := cache.reusable(args.cache_dir, args.key, progress)):
+        progress(f"artifact {args.key} is already in the cache and whole; nothing to do")
+        return cached
     with step(f"fetch {args.uri}"):
         fetched = fetch(
             args.uri, work / "archive", sha256=args.sha256, max_bytes=args.max_archive_bytes, pvc_root=args.pvc_root
@@ -184,9 +184,9 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         progress(f"fetched {fetched.size} bytes, sha256 {fetched.sha256}")
     key = args.key or cache_key(fetched.sha256, args.spec, args.target, args.runtime_image)
     progress(f"cache key {key}")
-    if cache.is_published(args.cache_dir, key):
-        progress("artifact already in the cache; nothing to do")
-        return Manifest.read(cache.artifact_dir(args.cache_dir, key))
+    if cached := cache.reusable(args.cache_dir, key, progress):
+        progress("artifact already in the cache and whole; nothing to do")
+        return cached
 
     with step("import torch"):
         import torch
@@ -250,7 +250,6 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
 
 def _build(engine: Engine, source: Source, reference: Path, staging: Path, args: CompileArgs) -> dict[str, Any]:
     """Write the engine's files into `staging`; the manifest fields that describe them."""
-    from kiln.runtime.loader import sha256_file
 
     compile_start = time.monotonic()
     extra: dict[str, Any] = {}

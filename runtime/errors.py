@@ -6,6 +6,8 @@ log; serve errors are mapped to HTTP codes in one place (server.py).
 
 from __future__ import annotations
 
+from kiln.manifest import CORRUPT_REASON
+
 
 class KilnError(Exception):
     """Base: str(error) is the one-line reason shown to users."""
@@ -41,6 +43,12 @@ class ArtifactMismatch(KilnError):
     """The artifact was built for another torch version or device."""
 
     reason = "ArtifactMismatch"
+
+
+class ArtifactCorrupt(ArtifactMismatch):
+    """A file of the artifact does not match its manifest's sha256 (the operator recompiles)."""
+
+    reason = CORRUPT_REASON
 
 
 class InvalidInput(KilnError):

@@ -9,7 +9,6 @@ of a replica's start-up time.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -19,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
-from kiln.manifest import PACKAGE_NAME, Manifest, Signature
-from kiln.runtime.errors import ArtifactMismatch
+from kiln.manifest import PACKAGE_NAME, Manifest, Signature, corrupt_files
+from kiln.runtime.errors import ArtifactCorrupt, ArtifactMismatch
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,6 @@ def device_capability(device: str) -> str | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return f"{major}.{minor}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_manifest(manifest: Manifest, device: str) -> None:
@@ -104,11 +95,11 @@ def _package(package: Path) -> ModelFn:
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
-    for name, digest in files.items():
-        if sha256_file(folder / name) != digest:
-            raise ArtifactMismatch(
-                f"{folder / name} does not match the sha256 in its manifest: the cached artifact is corrupt"
-            )
+    bad = corrupt_files(folder, files)
+    if bad:
+        raise ArtifactCorrupt(
+            f"{folder / bad[0]} does not match the sha256 in its manifest: the cached artifact is corrupt"
+        )
 
 
 def load_artifact(folder: Path, device: str, threads: int = 0, jit: JitArgs | None = None) -> LoadedModel:
@@ -144,8 +135,8 @@ def _load_aotinductor(folder: Path, manifest: Manifest, device: str) -> tuple[Mo
     loader = os.environ.get("KILN_LOADER", "runner")
     if loader == "runner" and manifest.runner_so:
         so = folder / manifest.runner_so
-        if manifest.runner_so_sha256 and sha256_file(so) != manifest.runner_so_sha256:
-            raise ArtifactMismatch(f"{so} does not match the sha256 in its manifest: the cached artifact is corrupt")
+        if manifest.runner_so_sha256:
+            verify_files(folder, {manifest.runner_so: manifest.runner_so_sha256})
         try:
             return _runner(so, device), "runner"
         except (AttributeError, RuntimeError, TypeError) as exc:

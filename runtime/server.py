@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -30,7 +31,14 @@ from kiln.runtime.dataplane import BatchSettings, DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
 from kiln.runtime.loader import JitArgs, LoadedModel
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest, ServerMetadata
+from kiln.runtime.protocol import (
+    BINARY_HEADER,
+    ErrorResponse,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ServerMetadata,
+)
 from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
 
 log = logging.getLogger("kiln.serve")
@@ -54,7 +62,7 @@ def error_response(exc: KilnError) -> JSONResponse:
 async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, dict[str, memoryview]]:
     """Parse a JSON body, or a JSON header followed by binary tensor data."""
     declared = request.headers.get("content-length")
-    if declared and int(declared) > limit:
+    if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
     body = await request.body()
     if len(body) > limit:
@@ -87,6 +95,26 @@ async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, 
     return parsed, binary
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def document_infer_body(app: FastAPI) -> dict[str, Any]:
+    """The infer route reads its raw body (JSON, or JSON plus binary tensors), so FastAPI cannot
+    describe it: this puts InferenceRequest in the OpenAPI document, for clients and fuzzers."""
+    schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(defs)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, metrics: Metrics) -> None:
     @app.get("/v2")
     async def server_metadata() -> ServerMetadata:
@@ -100,7 +128,7 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
     async def ready() -> Response:
         return Response(status_code=200 if plane.ready and not plane.draining else 503)
 
-    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}", responses={200: {"model": ModelMetadata}, **_errors(404, 503)})
     async def model_metadata(name: str) -> Response:
         plane.check_name(name)
         return Response(plane.metadata().model_dump_json(exclude_none=True), media_type="application/json")
@@ -126,7 +154,11 @@ def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, met
             headers={BINARY_HEADER: str(len(header))},
         )
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post(
+        "/v2/models/{name}/infer",
+        openapi_extra=document_infer_body(app),
+        responses={200: {"model": InferenceResponse}, **_errors(400, 404, 413, 503)},
+    )
     async def infer(name: str, request: Request) -> Response:
         start = time.perf_counter()
         inflight = metrics.inflight.labels(plane.name)

@@ -9,6 +9,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from kiln.devcluster.cli import ensure_binaries
 from kiln.devcluster.cluster import LocalCluster
 
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+
 NODES: list[dict[str, object]] = [
     {"name": "cpu-0", "cpu": 8, "memory": "32Gi"},
     {"name": "gpu-0", "cpu": 8, "memory": "64Gi", "gpus": 1, "labels": {"nvidia.com/gpu.product": GPU_PRODUCT}},
@@ -111,3 +113,47 @@ def archive_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def mlp_archive(archive_dir: Path) -> Path:
     return models.export("mlp", archive_dir / "mlp.pt2")
+
+
+# --- the reliability report: one row per fault test, printed at the end and written for the docs ---
+
+LONG = os.environ.get("KILN_LONG") == "1"
+
+
+def trials(quick: int, long: int) -> int:
+    """How many times a fault is injected: `quick` in CI, `long` with KILN_LONG=1."""
+    return long if LONG else quick
+
+
+@dataclass
+class Row:
+    test: str
+    injected: str
+    trials: int
+    lost: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+ROWS: list[Row] = []
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Any:
+    """record(injected, trials, lost, **figures): one row of docs/reliability.md."""
+
+    def add(injected: str, trials: int, lost: str, **figures: Any) -> None:
+        ROWS.append(Row(request.node.name, injected, trials, lost, figures))
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not ROWS:
+        return
+    terminalreporter.section(f"reliability ({'long' if LONG else 'quick'} run)")
+    for row in ROWS:
+        terminalreporter.write_line(f"{row.test}: {row.injected} x{row.trials}; lost: {row.lost}; {row.figures}")
+    out = os.environ.get("KILN_RELIABILITY_JSON")
+    if out:
+        Path(out).write_text(json.dumps({"long": LONG, "rows": [asdict(r) for r in ROWS]}, indent=2) + "\n")
+        terminalreporter.write_line(f"written to {out}")

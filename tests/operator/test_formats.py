@@ -13,7 +13,7 @@ import torch
 from examples import models
 from tests.conftest import Kube
 from tests.operator.conftest import Operator
-from tests.operator.test_torchmodel import infer, ready_pod_ips, wait_phase
+from tests.operator.helpers import infer, ready_pod_ips, wait_phase
 
 pytestmark = pytest.mark.cluster
 SEED = 3

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.manifest import Manifest
+from kiln.manifest import Manifest, corrupt_files
 from kiln.runtime import cache
 from kiln.runtime.errors import ValidationError
 from kiln.runtime.validate import validate_in_child
@@ -47,6 +47,28 @@ def test_compile_of_a_key_already_in_the_cache_does_nothing(compiled: dict[str, 
     assert "already in the cache" in proc.stdout
     assert json.loads(term)["key"] == art.key
     assert (art.folder / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_a_corrupt_cached_artifact_is_thrown_away_and_compiled_again(
+    compiled: dict[str, Artifact], tmp_path: Path
+) -> None:
+    """What the operator's rebuild Job does after a serving pod refused the artifact."""
+    art = compiled["mlp"]
+    own_cache = tmp_path / "cache"
+    shutil.copytree(art.folder, own_cache / art.key)
+    folder = own_cache / art.key
+    so = folder / str(Manifest.read(folder).runner_so)
+    data = bytearray(so.read_bytes())
+    data[len(data) // 3] ^= 0x01  # one flipped bit
+    so.write_bytes(bytes(data))
+    proc, term = run_compile(art.archive, own_cache, tmp_path, f"--key={art.key}", "--batch-max=16")
+    assert proc.returncode == 0, proc.stderr
+    assert f"cached artifact {art.key} is corrupt (runner/" in proc.stdout
+    assert "already in the cache" not in proc.stdout
+    assert json.loads(term)["key"] == art.key
+    rebuilt = Manifest.read(folder)
+    assert not corrupt_files(folder, rebuilt.checked_files())
+    assert sorted(p.name for p in own_cache.iterdir()) == [art.key]  # no trash or staging left behind
 
 
 def test_digest_mismatch_fails_with_the_reason_in_the_termination_log(

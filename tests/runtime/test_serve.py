@@ -247,4 +247,5 @@ def test_a_corrupted_artifact_is_detected_by_sha256_and_refused(  # type: ignore
     so.write_bytes(bytes(data))
     server = serve(f"--artifact={folder}", wait_ready=False)
     assert server.proc.wait(timeout=120) == 1
+    assert "ArtifactCorrupt: " in server.log.read_text()  # the reason the operator recompiles on
     assert "cached artifact is corrupt" in server.log.read_text()

@@ -9,7 +9,13 @@ from pydantic import ValidationError
 
 from kiln.api import ArtifactPhase, CompiledArtifact, CompiledArtifactStatus, TorchModel
 from kiln.operator import naming
-from kiln.operator.reconcile import ObservedTarget, plan_targets, reconcile_artifact, reconcile_model
+from kiln.operator.reconcile import (
+    ObservedTarget,
+    corruption_report,
+    plan_targets,
+    reconcile_artifact,
+    reconcile_model,
+)
 from kiln.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(runtime_image="kiln-runtime:1")
@@ -176,3 +182,55 @@ def test_serving_pods_read_their_cpu_limit_through_the_downward_api() -> None:
         "resourceFieldRef": {"containerName": "serve", "resource": "limits.cpu", "divisor": "1"}
     }
     assert "--batchable=false" in container["args"]
+
+
+def test_a_corrupt_report_newer_than_the_artifact_compiles_it_again_under_a_new_job_name() -> None:
+    art_body = reconcile_model(model(), {}, "uid", SETTINGS, NOW).artifacts[0]
+    ready = CompiledArtifactStatus(phase=ArtifactPhase.ready, ready_at="2026-11-23T00:00:05Z", job="compile-x")
+    art = CompiledArtifact(metadata={"name": "a", "namespace": "ns"}, spec=art_body["spec"], status=ready)
+    key = art.spec.key
+    served = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "finishedAt": "2026-11-23T00:01:00Z",
+                            "message": "ArtifactCorrupt: /cache/k/runner/model.so does not match the sha256",
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    report = corruption_report(served)
+    assert report == ("2026-11-23T00:01:00Z", "ArtifactCorrupt: /cache/k/runner/model.so does not match the sha256")
+    old_job = {"status": {"succeeded": 1}}
+    first = reconcile_artifact(art, old_job, [], ["m"], "uid", SETTINGS, NOW, report)
+    assert first.status.phase == ArtifactPhase.compiling and first.status.rebuilds == 1
+    assert first.status.message == "compile job created (rebuild 1: a serving pod found the cached artifact corrupt)"
+    assert first.job is not None and first.job["metadata"]["name"] == naming.compile_job_name(key, 1)
+    assert first.job["metadata"]["name"] == f"compile-{key[:16]}-r1"
+    # Running it again from the status it wrote changes nothing: same Job, no second rebuild.
+    again = art.model_copy(update={"status": first.status})
+    second = reconcile_artifact(again, None, [], ["m"], "uid", SETTINGS, NOW, report)
+    assert second.status.rebuilds == 1 and second.job == first.job
+    # Once rebuilt, the same (older) report no longer counts.
+    rebuilt = first.status.model_copy(update={"phase": ArtifactPhase.ready, "ready_at": "2026-11-23T00:02:00Z"})
+    third = reconcile_artifact(
+        art.model_copy(update={"status": rebuilt}), None, [], ["m"], "uid", SETTINGS, NOW, report
+    )
+    assert third.status.phase == ArtifactPhase.ready and third.job is None
+
+
+def test_an_artifact_corrupt_after_every_rebuild_fails_instead_of_looping() -> None:
+    art_body = reconcile_model(model(), {}, "uid", SETTINGS, NOW).artifacts[0]
+    worn = CompiledArtifactStatus(phase=ArtifactPhase.ready, ready_at="2026-11-23T00:00:05Z", rebuilds=3)
+    art = CompiledArtifact(metadata={"name": "a", "namespace": "ns"}, spec=art_body["spec"], status=worn)
+    result = reconcile_artifact(
+        art, None, [], ["m"], "uid", SETTINGS, NOW, ("2026-11-23T00:09:00Z", "ArtifactCorrupt: x")
+    )
+    assert result.status.phase == ArtifactPhase.failed and result.job is None
+    assert "corrupt again after 3 rebuilds, check the cache volume" in result.status.message
