@@ -53,8 +53,11 @@ class Client:
     def __init__(self, host: str, port: int, timeout: float = 60) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
-    def infer(self, model: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
-        self.conn.request("POST", f"/v2/models/{model}/infer", body, headers)
+    def infer(
+        self, model: str, body: bytes, headers: dict[str, str], path: str | None = None
+    ) -> tuple[int, bytes, str | None]:
+        """POST to the model's v2 infer route, or to `path` (another server's API)."""
+        self.conn.request("POST", path or f"/v2/models/{model}/infer", body, headers)
         resp = self.conn.getresponse()
         data = resp.read()
         return resp.status, data, resp.getheader("Inference-Header-Content-Length")

@@ -11,6 +11,7 @@ aot through Kiln's runner (the default). Also reports the one-time compile job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,30 +97,47 @@ def ready_seconds(
     timeout: float,
     log: Path,
 ) -> float:
+    """Process start → first correct answer of kiln-serve over the v2 protocol."""
+
+    def ask() -> np.ndarray | None:
+        client = Client("127.0.0.1", port, timeout=timeout)
+        status, data, head = client.infer(model, body, headers)
+        client.close()
+        return decode(data, head)[0] if status == 200 else None
+
+    return time_to_answer(cmd, env, ask, expected, timeout, log)
+
+
+def time_to_answer(
+    cmd: list[str],
+    env: dict[str, str],
+    ask: Callable[[], np.ndarray | None],
+    expected: np.ndarray,
+    timeout: float,
+    log: Path,
+) -> float:
+    """Start `cmd`, call `ask` until it returns an answer (None or OSError: not yet), check it, kill the server."""
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while time.perf_counter() - start < timeout:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-1500:]}")
             try:
-                client = Client("127.0.0.1", port, timeout=timeout)
-                status, data, head = client.infer(model, body, headers)
-                client.close()
+                got = ask()
             except OSError:
-                time.sleep(0.02)
-                continue
-            if status == 200:
-                got = decode(data, head)[0]
-                error = float(np.abs(got - expected).max())
+                got = None
+            if got is not None:
+                error = float(np.abs(got.reshape(expected.shape) - expected).max())
                 if error > 1e-3 + 2e-2 * float(np.abs(expected).max()):
                     raise RuntimeError(f"wrong answer: max error {error} (max |expected| {np.abs(expected).max()})")
                 return time.perf_counter() - start
             time.sleep(0.02)
         raise TimeoutError(f"not ready after {timeout} s")
     finally:
-        proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: peers start worker processes of their own
         proc.wait()
 
 

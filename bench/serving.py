@@ -29,7 +29,14 @@ from bench.hardware import describe
 
 
 def _worker(
-    port: int, model: str, body: bytes, headers: dict[str, str], threads: int, seconds: float, out: Any
+    port: int,
+    model: str,
+    body: bytes,
+    headers: dict[str, str],
+    threads: int,
+    seconds: float,
+    out: Any,
+    path: str | None = None,
 ) -> None:
     import threading
 
@@ -43,7 +50,7 @@ def _worker(
         mine = []
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            status, _, _ = client.infer(model, body, headers)
+            status, _, _ = client.infer(model, body, headers, path)
             if status == 200:
                 mine.append(time.perf_counter() - start)
             else:
@@ -60,13 +67,20 @@ def _worker(
 
 
 def load(
-    port: int, model: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float
+    port: int,
+    model: str,
+    body: bytes,
+    headers: dict[str, str],
+    concurrency: int,
+    seconds: float,
+    path: str | None = None,
 ) -> dict[str, Any]:
+    """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers."""
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     queue: Any = mp.get_context("fork").Queue()
     procs = [
-        mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue))
+        mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue, path))
         for n in per
     ]
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from kiln.api import (
     json_ready,
 )
 from kiln.operator import children, naming
-from kiln.operator.k8s import Cluster, plain
+from kiln.operator.k8s import Cluster, NamespaceTerminating, plain
 from kiln.operator.reconcile import (
     ObservedTarget,
     corruption_report,
@@ -259,7 +259,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
         gc = children.cache_gc_job(key, namespace, runtime_image, settings)
         job = first(jobs, (namespace, gc["metadata"]["name"]))
         if job is None:
-            cluster.create_if_missing(gc)
+            try:
+                cluster.create_if_missing(gc)
+            except NamespaceTerminating:
+                log.info("namespace %s is being deleted: the cache claim goes with it, %s with it", namespace, key)
+                return
             raise kopf.TemporaryError("removing the cache folder", delay=2)
         if (job.get("status") or {}).get("succeeded"):
             log.info("removed cache folder of %s", key)

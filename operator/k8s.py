@@ -14,7 +14,7 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, ForbiddenError, NotFoundError
 from kubernetes.dynamic.resource import Resource
 
 log = logging.getLogger("kiln.operator.k8s")
@@ -45,6 +45,10 @@ def contains(actual: Any, desired: Any) -> bool:
     return bool(actual == desired)
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: nothing new may be created in it, and it needs nothing new."""
+
+
 class Cluster:
     def __init__(self) -> None:
         try:
@@ -70,6 +74,10 @@ class Cluster:
             return True
         except ConflictError:
             return False
+        except ForbiddenError as exc:
+            if "because it is being terminated" in str(getattr(exc, "body", "") or exc):
+                raise NamespaceTerminating(ns) from exc
+            raise
 
     def apply(self, obj: dict[str, Any], current: Mapping[str, Any] | None) -> bool:
         """Server-side apply unless `current` already holds every desired field."""

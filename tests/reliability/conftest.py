@@ -87,7 +87,9 @@ def cache_folder(kube: Kube) -> Path:
 
 
 class Endpoints:
-    """Ready addresses of a Service from its EndpointSlices, as kube-proxy sees them, refreshed in a thread."""
+    """Ready addresses of a Service, refreshed in a thread: its selector's pods that are Ready and not
+    terminating, the rule of the EndpointSlice controller (whose slices refuse the node agent's
+    loopback pod addresses, so clients here compute them the same way)."""
 
     def __init__(self, kube: Kube, service: str, every: float = 0.25) -> None:
         self.kube, self.service, self.every = kube, service, every
@@ -95,15 +97,16 @@ class Endpoints:
         self.samples: list[tuple[float, int]] = []  # (monotonic time, ready count)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+        selector = kube.get("service", service)["spec"]["selector"]
+        self.selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
     def read(self) -> list[str]:
-        slices = self.kube.get("endpointslices", "-l", f"kubernetes.io/service-name={self.service}") or {"items": []}
+        pods = self.kube.get("pods", "-l", self.selector) or {"items": []}
         return sorted(
-            addr
-            for s in slices["items"]
-            for e in s.get("endpoints") or []
-            if (e.get("conditions") or {}).get("ready")
-            for addr in e.get("addresses", [])
+            p["status"]["podIP"]
+            for p in pods["items"]
+            if not p["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
         )
 
     def run(self) -> None:
