@@ -1,16 +1,17 @@
 """Dynamic batching: merge concurrent requests up to a row budget within a delay, split results back.
 
-Runtime dataplane layer (no HTTP). One worker thread runs the model, so the
-compiled model is never called concurrently; the queue is bounded, and a full
+Runtime dataplane layer (no HTTP). One model thread gathers batches and runs them, so
+the compiled model is never called concurrently; the queue is bounded, and a full
 queue is refused at once (Overloaded) instead of growing memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,17 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+_STOP = object()
+
+
 class Batcher:
+    """Requests go from the event loop into a bounded thread-safe queue; one model thread gathers
+    batches from it, runs them and hands results back to the loop.
+
+    Batches are gathered in the model thread, not in the event loop: under load the loop may take
+    a long time per turn (thousands of connections), and the next batch must not wait for it.
+    """
+
     def __init__(
         self,
         run: RunFn,
@@ -57,20 +68,21 @@ class Batcher:
         self._batchable = batchable  # False: every request is its own model call
         self._max_batch = max_batch
         self._max_delay = max_delay_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[_Pending | object] = queue.Queue(maxsize=max_queue)
         self._carry: _Pending | None = None
         self._observe = observe
         self._pending = pending  # requests in flight; none beyond this batch means no wait
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kiln-model")
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._work, name="kiln-model", daemon=True)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        self._executor.shutdown(wait=True)
+        if self._thread.is_alive():
+            self._queue.put(_STOP)  # blocks while full: the thread is draining it
+            await asyncio.to_thread(self._thread.join)
 
     @property
     def depth(self) -> int:
@@ -80,34 +92,41 @@ class Batcher:
         pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
+        except queue.Full:
             raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
         return await pending.future
 
-    async def _next(self) -> _Pending:
+    # -- the model thread ----------------------------------------------------------------------
+    def _next(self, timeout: float | None) -> _Pending | object | None:
+        """The next request (or _STOP); None when `timeout` passes first (0: only what is queued)."""
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
-        return await self._queue.get()
+        try:
+            if timeout is None:
+                return self._queue.get()
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
 
-    async def _gather(self) -> list[_Pending]:
-        """The next batch: the first request, then whatever fits before the delay ends."""
-        batch = [await self._next()]
-        rows = batch[0].rows
+    def _gather(self) -> list[_Pending] | None:
+        """The next batch: the first request, then whatever fits before the delay ends; None: stop."""
+        first = self._next(None)
+        if not isinstance(first, _Pending):
+            return None
+        batch, rows = [first], first.rows
         deadline = time.perf_counter() + self._max_delay
         while self._batchable and rows < self._max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            item = self._next(0)
+            if item is None:
                 if self._pending is not None and self._pending() <= len(batch):
                     break  # nobody else is on the way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or (item := self._next(remaining)) is None:
                     break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
+            if not isinstance(item, _Pending):
+                self._queue.put(item)  # _STOP: serve this batch first
+                break
             if rows + item.rows > self._max_batch:
                 self._carry = item
                 break
@@ -115,25 +134,22 @@ class Batcher:
             rows += item.rows
         return batch
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._gather()
+    def _work(self) -> None:
+        assert self._loop is not None
+        while (batch := self._gather()) is not None:
             batch = [p for p in batch if not p.future.done()]  # drop requests whose client left
             if not batch:
                 continue
             if self._observe:
                 self._observe(sum(p.rows for p in batch), len(batch), time.perf_counter() - batch[0].enqueued)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._call, batch)
+                outputs: list[list[torch.Tensor]] | BaseException = self._call(batch)
             except Exception as exc:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, out in zip(batch, outputs, strict=True):
-                if not p.future.done():
-                    p.future.set_result(out)
+                outputs = exc
+            try:
+                self._loop.call_soon_threadsafe(_resolve, batch, outputs)
+            except RuntimeError:
+                return  # the loop is closed: the server is gone
 
     def _call(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
         with torch.inference_mode():
@@ -144,3 +160,14 @@ class Batcher:
             sizes = [p.rows for p in batch]
             split = [torch.split(r, sizes, self._dim) for r in results]
             return [[s[i] for s in split] for i in range(len(batch))]
+
+
+def _resolve(batch: list[_Pending], outputs: list[list[torch.Tensor]] | BaseException) -> None:
+    """In the event loop: answer each request that still waits."""
+    for i, p in enumerate(batch):
+        if p.future.done():
+            continue
+        if isinstance(outputs, BaseException):
+            p.future.set_exception(outputs)
+        else:
+            p.future.set_result(outputs[i])

@@ -68,12 +68,12 @@ async def read_request(request: Request, limit: int) -> tuple[InferenceRequest, 
     if len(body) > limit:
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
     header_len = request.headers.get(BINARY_HEADER)
-    split = int(header_len) if header_len else len(body)
+    split = len(body) if header_len is None else (int(header_len) if header_len.isdigit() else -1)
     if not 0 <= split <= len(body):
         raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
     try:
         parsed = InferenceRequest.model_validate(json.loads(body[:split]))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
     except WireError as exc:
         first = exc.errors()[0]
@@ -283,6 +283,10 @@ class App:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
+    import os
+
+    if os.environ.get("KILN_SWITCH"):
+        sys.setswitchinterval(float(os.environ["KILN_SWITCH"]))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = App(settings)
     config = uvicorn.Config(

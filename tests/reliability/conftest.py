@@ -136,9 +136,10 @@ class Outcome:
 class SteadyLoad:
     """Requests at a fixed rate to a ready endpoint, round robin; each answer checked against eager.
 
-    A refused connection (nothing reached a model) is retried once on another ready endpoint,
-    as ingress proxies do (nginx proxy_next_upstream, Envoy connect-failure); any other error,
-    a wrong answer or a second refusal is a failed request.
+    A refused or reset connection (the replica died before or while answering) is retried once
+    on another ready endpoint, as ingress proxies do for idempotent requests (Envoy retry_on
+    connect-failure,reset; nginx proxy_next_upstream error); an HTTP error, a wrong answer or a
+    second connection failure is a failed request. Retries are counted and reported.
     """
 
     def __init__(self, endpoints: Endpoints, model: str, seed: int, rate: float = 20.0) -> None:
@@ -173,7 +174,7 @@ class SteadyLoad:
                 return Outcome(sent, False, retried, f"HTTP {exc.code} from {ip}")
             except (urllib.error.URLError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
-                if isinstance(reason, ConnectionRefusedError) and attempt == 0:
+                if isinstance(reason, ConnectionRefusedError | ConnectionResetError) and attempt == 0:
                     retried = True
                     continue
                 return Outcome(sent, False, retried, f"{reason} from {ip}")
@@ -183,7 +184,7 @@ class SteadyLoad:
             if any(torch.allclose(got, want, atol=1e-4, rtol=1e-3) for want in candidates):
                 return Outcome(sent, True, retried)
             return Outcome(sent, False, retried, f"wrong answer from {ip}")
-        return Outcome(sent, False, retried, "refused twice")
+        return Outcome(sent, False, retried, "connection failed twice")
 
     def run(self) -> None:
         next_at = time.monotonic()

@@ -201,7 +201,7 @@ def test_serving_pods_killed_under_load_fail_requests_only_while_no_replica_is_r
         f"{len(failures)} of {len(load.outcomes)} requests, all during the {outage_s:.1f} s with no replica ready",
         requests=len(load.outcomes),
         failed=len(failures),
-        retried_on_refused_connection=retried,
+        retried_on_connection_failure=retried,
         outage_seconds=round(outage_s, 1),
     )
 
@@ -231,7 +231,7 @@ def test_a_rolling_update_under_load_fails_no_request(
         updates,
         f"nothing: 0 of {len(load.outcomes)} requests failed",
         requests=len(load.outcomes),
-        retried_on_refused_connection=sum(o.retried for o in load.outcomes),
+        retried_on_connection_failure=sum(o.retried for o in load.outcomes),
     )
 
 
