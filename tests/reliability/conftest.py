@@ -162,12 +162,12 @@ class SteadyLoad:
         from tests.operator.helpers import infer
 
         sent = time.monotonic()
-        retried = False
+        retried, failed = False, ""
         for attempt in range(2):
-            addresses = list(self.endpoints.addresses)
+            addresses = [a for a in self.endpoints.addresses if a != failed]
             if not addresses:
-                return Outcome(sent, False, retried, "no ready endpoint")
-            ip = addresses[(self.n + attempt) % len(addresses)]
+                return Outcome(sent, False, retried, "no ready endpoint" + (f" but {failed}" if failed else ""))
+            ip = addresses[self.n % len(addresses)]
             try:
                 got = infer(ip, self.model, self.inputs)
             except urllib.error.HTTPError as exc:
@@ -175,7 +175,7 @@ class SteadyLoad:
             except (urllib.error.URLError, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
                 if isinstance(reason, ConnectionRefusedError | ConnectionResetError) and attempt == 0:
-                    retried = True
+                    retried, failed = True, ip
                     continue
                 return Outcome(sent, False, retried, f"{reason} from {ip}")
             except OSError as exc:

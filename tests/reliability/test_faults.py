@@ -184,7 +184,10 @@ def test_serving_pods_killed_under_load_fail_requests_only_while_no_replica_is_r
             killed_at = time.monotonic()
             for pod in victims:
                 assert kill_group(f"kiln-serve.*--host={pod['status']['podIP']} ") == 1
-            if everyone:
+            # The API shows a death a moment after it happens: wait to see it before waiting for the cure.
+            left = 2 - len(victims)
+            fkube.wait_for(lambda: len(ready_pods(fkube, "steady")) <= left, 30, every=0.1, message="kill seen")
+            if everyone:  # the outage lasts from the kill until the API shows a replica Ready again
                 fkube.wait_for(lambda: ready_pods(fkube, "steady"), 120, every=0.1, message="a replica back")
                 outages.append((killed_at, time.monotonic()))
             fkube.wait_for(lambda: len(ready_pods(fkube, "steady")) == 2, 120, message="both replicas back")
