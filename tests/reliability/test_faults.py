@@ -186,7 +186,9 @@ def test_serving_pods_killed_under_load_fail_requests_only_while_no_replica_is_r
                 assert kill_group(f"kiln-serve.*--host={pod['status']['podIP']} ") == 1
             # The API shows a death a moment after it happens: wait to see it before waiting for the cure.
             left = 2 - len(victims)
-            fkube.wait_for(lambda: len(ready_pods(fkube, "steady")) <= left, 30, every=0.1, message="kill seen")
+            fkube.wait_for(
+                lambda left=left: len(ready_pods(fkube, "steady")) <= left, 30, every=0.1, message="kill seen"
+            )
             if everyone:  # the outage lasts from the kill until the API shows a replica Ready again
                 fkube.wait_for(lambda: ready_pods(fkube, "steady"), 120, every=0.1, message="a replica back")
                 outages.append((killed_at, time.monotonic()))
