@@ -58,6 +58,8 @@ def peer_env(name: str, work: Path) -> dict[str, str]:
         **os.environ,
         "PATH": f"{PEERS / 'bin'}:{os.environ['PATH']}",
         "PYTHONPATH": str(path),
+        "LOG_LOCATION": str(work / "torchserve-logs"),  # TorchServe writes ./logs otherwise
+        "METRICS_LOCATION": str(work / "torchserve-logs"),
         "KILN_PEER_SPEC": json.dumps({"model": name, "shapes": row_shapes(name)}),
     }
 
