@@ -34,15 +34,6 @@ def datatype_of(dtype: torch.dtype) -> str:
         raise ValueError(f"dtype {dtype} has no Open Inference Protocol datatype") from exc
 
 
-def _flatten(data: object) -> list[object]:
-    if isinstance(data, list):
-        out: list[object] = []
-        for item in data:
-            out.extend(_flatten(item))
-        return out
-    return [data]
-
-
 def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Tensor:
     """A request tensor as torch, from JSON `data` or from its binary slice."""
     if inp.datatype not in DATATYPES:
@@ -61,13 +52,12 @@ def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Ten
     else:
         if inp.data is None:
             raise InvalidInput(f"input {inp.name!r} has neither 'data' nor binary_data_size")
-        flat = _flatten(inp.data)
-        if len(flat) != count:
-            raise InvalidInput(f"input {inp.name!r}: {len(flat)} values for shape {inp.shape}, expected {count}")
-        try:
-            array = np.asarray(flat, dtype=np_dtype)
+        try:  # numpy reads flat or nested lists in C: no Python loop over the values
+            array = np.asarray(inp.data, dtype=np_dtype)
         except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"input {inp.name!r}: data is not {inp.datatype}: {exc}") from exc
+            raise InvalidInput(f"input {inp.name!r}: data is not {inp.datatype} (or is ragged): {exc}") from exc
+        if array.size != count:
+            raise InvalidInput(f"input {inp.name!r}: {array.size} values for shape {inp.shape}, expected {count}")
     return torch.from_numpy(array.reshape(inp.shape).copy())
 
 
