@@ -141,7 +141,7 @@ def test_a_burst_of_ten_times_capacity_is_shed_with_retry_after_in_bounded_memor
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     archive = tmp_path / "slow.pt2"
     torch.export.save(program, str(archive))
-    queue = 16
+    queue = 8
     server = serve(
         "--mode=eager",
         f"--archive=file://{archive}",
