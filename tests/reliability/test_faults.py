@@ -26,7 +26,7 @@ from kiln.operator import naming
 from tests.conftest import Kube, trials
 from tests.operator.conftest import Operator
 from tests.operator.helpers import compile_jobs, infer, job_pods, status, torchmodel, wait_phase
-from tests.reliability.conftest import Endpoints, SteadyLoad, cache_folder
+from tests.reliability.conftest import cache_folder, steady_model
 
 pytestmark = pytest.mark.cluster
 
@@ -172,11 +172,9 @@ def test_a_compile_pod_killed_mid_compile_is_retried_and_its_artifact_is_whole(
 def test_serving_pods_killed_under_load_fail_requests_only_while_no_replica_is_ready(
     fkube: Kube, seeded_archive: Any, rng: random.Random, record: Any
 ) -> None:
-    fkube.apply(torchmodel("steady", f"file://{seeded_archive(21)}", replicas=2))
-    wait_phase(fkube, "steady", "Ready")
     rounds = trials(2, 10)
     outages: list[tuple[float, float]] = []
-    with Endpoints(fkube, naming.child_name("steady", "cpu")) as endpoints, SteadyLoad(endpoints, "steady", 21) as load:
+    with steady_model(fkube, "steady", seeded_archive(21), 21) as load:
         time.sleep(2)
         for r in range(rounds + 1):
             everyone = r == rounds  # the last round kills every replica: an outage that must be counted
@@ -214,19 +212,17 @@ def test_serving_pods_killed_under_load_fail_requests_only_while_no_replica_is_r
 def test_a_rolling_update_under_load_fails_no_request(
     fkube: Kube, seeded_archive: Any, rng: random.Random, record: Any
 ) -> None:
-    fkube.apply(torchmodel("roll", f"file://{seeded_archive(31)}", replicas=2))
-    wait_phase(fkube, "roll", "Ready")
     updates = trials(1, 3)
-    with Endpoints(fkube, naming.child_name("roll", "cpu")) as endpoints, SteadyLoad(endpoints, "roll", 31) as load:
+    with steady_model(fkube, "roll", seeded_archive(31), 31) as load:
         for u in range(updates):
             seed = 32 + u
-            load.expect_seed(seed)  # either version is a correct answer while both serve
+            load.accept(seed)  # either version is a correct answer while both serve
             patch = json.dumps({"spec": {"archive": {"uri": f"file://{seeded_archive(seed)}"}}})
             fkube.run("patch", "tm", "roll", "--type=merge", "-p", patch)
             fkube.wait_for(lambda: status(fkube, "roll").get("phase") != "Ready", 30, message="update seen")
             wait_phase(fkube, "roll", "Ready", timeout=600)
             fkube.wait_for(lambda: len(pods_of(fkube, "roll")) == 2, 120, message="old pods gone")
-            load.expected = load.expected_next
+            load.accepted = load.accepted[-1:]  # once the old pods are gone, only the new weights
             time.sleep(rng.uniform(1.0, 3.0))
     failures = load.failures
     assert len(load.outcomes) > 100
