@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from bench import models
-from bench.client import Client, encode
-from bench.coldstart import free_port, serve_command
+from bench.client import Client, decode, encode
+from bench.coldstart import free_port, matches, serve_command
 from bench.hardware import describe
 
 
@@ -34,36 +34,41 @@ def _worker(
     body: bytes,
     headers: dict[str, str],
     threads: int,
+    first: int,
     seconds: float,
     out: Any,
     path: str | None = None,
+    variants: list[tuple[bytes, np.ndarray]] | None = None,
 ) -> None:
     import threading
 
     latencies: list[float] = []
-    errors = [0]
+    errors, wrong = [0], [0]
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
-    def loop() -> None:
+    def loop(i: int) -> None:
         client = Client("127.0.0.1", port)
         mine = []
+        sent, expected = variants[i % len(variants)] if variants else (body, None)
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            status, _, _ = client.infer(model, body, headers, path)
+            status, data, split = client.infer(model, sent, headers, path)
             if status == 200:
                 mine.append(time.perf_counter() - start)
+                if expected is not None and not matches(decode(data, split)[0], expected):
+                    wrong[0] += 1  # batching must never hand a request another's answer
             else:
                 errors[0] += 1
         with lock:
             latencies.extend(mine)
 
-    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    pool = [threading.Thread(target=loop, args=(i + first,)) for i in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    out.put((latencies, errors[0]))
+    out.put((latencies, errors[0], wrong[0]))
 
 
 def load(
@@ -74,14 +79,19 @@ def load(
     concurrency: int,
     seconds: float,
     path: str | None = None,
+    variants: list[tuple[bytes, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers."""
+    """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers.
+    With `variants` (bodies of the same size and their eager answers), connection i sends variant i
+    and checks every answer."""
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     queue: Any = mp.get_context("fork").Queue()
     procs = [
-        mp.get_context("fork").Process(target=_worker, args=(port, model, body, headers, n, seconds, queue, path))
-        for n in per
+        mp.get_context("fork").Process(
+            target=_worker, args=(port, model, body, headers, n, sum(per[:i]), seconds, queue, path, variants)
+        )
+        for i, n in enumerate(per)
     ]
     start = time.perf_counter()
     for p in procs:
@@ -95,10 +105,26 @@ def load(
         "concurrency": concurrency,
         "requests": int(lat.size),
         "errors": sum(r[1] for r in results),
+        "wrong": sum(r[2] for r in results),
         "rps": lat.size / elapsed,
         "p50_ms": float(np.percentile(lat, 50) * 1e3),
         "p99_ms": float(np.percentile(lat, 99) * 1e3),
     }
+
+
+def answers(model: str, device: str, n: int) -> list[tuple[bytes, np.ndarray]]:
+    """`n` different batch-1 request bodies and eager PyTorch's answers to them."""
+    import torch
+
+    eager = models.build(model).to(device)
+    out = []
+    for i in range(n):
+        args = [t[:1] for t in models.inputs(model, i + 1)]
+        with torch.inference_mode():
+            result = eager(*(t.to(device) for t in args))
+        first = result[0] if isinstance(result, tuple) else result
+        out.append((encode(models.names(model), [t.numpy() for t in args])[0], first.float().cpu().numpy()))
+    return out
 
 
 def in_process(
@@ -158,6 +184,7 @@ def main() -> int:
     conc = [int(c) for c in a.concurrency.split(",")]
     args = models.inputs(a.model, 1)
     body, headers = encode(models.names(a.model), [t.numpy() for t in args])
+    variants = answers(a.model, a.device, 8)
     limit = in_process(a.artifact, a.device, a.model, sorted({1, *[min(c, 64) for c in conc]}), a.seconds / 2)
     rows = []
     for batching in (False, True):
@@ -165,7 +192,7 @@ def main() -> int:
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
             for c in conc:
-                r = load(port, a.model, body, headers, c, a.seconds)
+                r = load(port, a.model, body, headers, c, a.seconds, variants=variants)
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
                     "batching": batching,
@@ -185,14 +212,14 @@ def main() -> int:
     print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
     print(
         "| batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) | HTTP / in-process "
-        "| in-process p50 ms (batch 1) | errors |"
+        "| in-process p50 ms (batch 1) | errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} "
-            f"| {r['errors']} |"
+            f"| {r['errors']} | {r['wrong']} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +234,7 @@ def main() -> int:
                 indent=2,
             )
         )
-    return 0
+    return 1 if any(r["wrong"] for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -2,23 +2,28 @@
 
 Runtime dataplane layer (no HTTP). One model thread gathers batches and runs them, so
 the compiled model is never called concurrently; the queue is bounded, and a full
-queue is refused at once (Overloaded) instead of growing memory.
+queue is refused at once (Overloaded) instead of growing memory. Where a model call
+only launches work (a GPU), a second thread waits for each batch's results and answers,
+while the model thread already gathers and launches the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from kiln.runtime.errors import Overloaded
 
-RunFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+RunFn = Callable[[Sequence[torch.Tensor]], Any]  # the results, or something `finish` turns into them
+FinishFn = Callable[[Any], list[torch.Tensor]]
 # Called once per model call with (batch rows, request count, seconds the first waited).
 ObserveFn = Callable[[int, int, float], None]
 
@@ -28,6 +33,8 @@ MergeFn = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
 
 def concat(requests: list[list[torch.Tensor]], dim: int = 0) -> list[torch.Tensor]:
     """Each input of several requests, concatenated along the batch dimension."""
+    if len(requests) == 1:
+        return requests[0]
     return [torch.cat(parts, dim) for parts in zip(*requests, strict=True)]
 
 
@@ -40,6 +47,7 @@ class _Pending:
 
 
 _STOP = object()
+Outcome = list[list[torch.Tensor]] | BaseException  # each request's results, or what went wrong
 
 
 class Batcher:
@@ -61,9 +69,11 @@ class Batcher:
         merge: MergeFn | None = None,
         dim: int = 0,
         batchable: bool = True,
+        finish: FinishFn | None = None,
     ) -> None:
         self._run = run
         self._merge = merge or concat
+        self._finish = finish
         self._dim = dim
         self._batchable = batchable  # False: every request is its own model call
         self._max_batch = max_batch
@@ -74,15 +84,22 @@ class Batcher:
         self._pending = pending  # requests in flight; none beyond this batch means no wait
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._work, name="kiln-model", daemon=True)
+        # One batch waits for the answering thread at most: launched work stays bounded.
+        self._launched: queue.Queue[tuple[list[_Pending], Any] | object] = queue.Queue(maxsize=1)
+        self._answerer = threading.Thread(target=self._answer_launched, name="kiln-answer", daemon=True)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
+        if self._finish is not None:
+            self._answerer.start()
 
     async def stop(self) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)  # blocks while full: the thread is draining it
             await asyncio.to_thread(self._thread.join)
+        if self._answerer.is_alive():
+            await asyncio.to_thread(self._answerer.join)
 
     @property
     def depth(self) -> int:
@@ -135,7 +152,6 @@ class Batcher:
         return batch
 
     def _work(self) -> None:
-        assert self._loop is not None
         while (batch := self._gather()) is not None:
             batch = [p for p in batch if not p.future.done()]  # drop requests whose client left
             if not batch:
@@ -143,26 +159,42 @@ class Batcher:
             if self._observe:
                 self._observe(sum(p.rows for p in batch), len(batch), time.perf_counter() - batch[0].enqueued)
             try:
-                outputs: list[list[torch.Tensor]] | BaseException = self._call(batch)
+                with torch.inference_mode():
+                    launched: Any = self._run(self._merge([p.inputs for p in batch], self._dim))
             except Exception as exc:
-                outputs = exc
+                launched = exc
+            if self._finish is None:
+                self._answer(batch, launched)
+            else:
+                self._launched.put((batch, launched))  # waits while the previous batch is still being answered
+        self._launched.put(_STOP)
+
+    def _answer_launched(self) -> None:
+        while isinstance(item := self._launched.get(), tuple):
+            self._answer(*item)
+
+    def _answer(self, batch: list[_Pending], launched: Any) -> None:
+        """Hand each request its share of the batch's results (or the batch's error) in the event loop."""
+        assert self._loop is not None
+        outcome: Outcome = launched
+        if not isinstance(launched, BaseException):
             try:
-                self._loop.call_soon_threadsafe(_resolve, batch, outputs)
-            except RuntimeError:
-                return  # the loop is closed: the server is gone
+                results = self._finish(launched) if self._finish is not None else launched
+                outcome = self._split(batch, results)
+            except Exception as exc:
+                outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            self._loop.call_soon_threadsafe(_resolve, batch, outcome)
 
-    def _call(self, batch: list[_Pending]) -> list[list[torch.Tensor]]:
-        with torch.inference_mode():
-            if len(batch) == 1:
-                return [self._run(batch[0].inputs)]
-            merged = self._merge([p.inputs for p in batch], self._dim)
-            results = self._run(merged)
-            sizes = [p.rows for p in batch]
-            split = [torch.split(r, sizes, self._dim) for r in results]
-            return [[s[i] for s in split] for i in range(len(batch))]
+    def _split(self, batch: list[_Pending], results: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if len(batch) == 1:
+            return [results]
+        sizes = [p.rows for p in batch]
+        split = [torch.split(r, sizes, self._dim) for r in results]
+        return [[s[i] for s in split] for i in range(len(batch))]
 
 
-def _resolve(batch: list[_Pending], outputs: list[list[torch.Tensor]] | BaseException) -> None:
+def _resolve(batch: list[_Pending], outputs: Outcome) -> None:
     """In the event loop: answer each request that still waits."""
     for i, p in enumerate(batch):
         if p.future.done():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from kiln.manifest import Signature, TensorSpec
-from kiln.runtime.batching import Batcher, concat
+from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
+from kiln.runtime.device import CudaTransfers, OnTheWay
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel
 from kiln.runtime.metrics import Metrics
@@ -75,28 +76,23 @@ class DataPlane:
         """Called on the event loop once load() returned: start batching, report ready."""
         assert self.model is not None
         model = self.model
-        device = model.device
-
-        def call(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            # Host↔device copies happen here, in the model thread: the event loop never waits on the GPU.
-            outputs = model.fn([t.to(device, non_blocking=True) for t in inputs])
-            return [o.cpu() for o in outputs]
-
-        def merge_on_device(requests: list[list[torch.Tensor]], dim: int) -> list[torch.Tensor]:
-            # Concatenating large inputs on the host was the model thread's biggest cost
-            # (py-spy on the H100, docs/benchmarks.md): copy each to the GPU and join them there.
-            return concat([[t.to(device, non_blocking=True) for t in inputs] for inputs in requests], dim)
-
+        run: RunFn = model.fn
+        merge: MergeFn | None = None
+        finish: FinishFn | None = None
+        if model.device != "cpu":  # copies overlap the model's work; another thread waits for results
+            gpu = CudaTransfers(model.device)
+            run, merge, finish = (lambda inputs: gpu.launch(model.fn, inputs)), gpu.upload, OnTheWay.wait
         self.batcher = Batcher(
-            call,
+            run,
             self.max_rows(model),
             self.batching.max_delay_ms / 1000,
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
             pending=lambda: self.active,
-            merge=None if device == "cpu" else merge_on_device,
+            merge=merge,
             dim=model.batch_dim,
             batchable=self.batching.batchable,
+            finish=finish,
         )
         self.batcher.start()
         self.ready = True

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError as WireError
 
 from kiln import __version__
+from kiln.runtime.bodies import BODY_EXTENSION, BodyBuffer, infer_model, protocol_with_limit
 from kiln.runtime.dataplane import BatchSettings, DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
 from kiln.runtime.loader import JitArgs, LoadedModel
@@ -73,7 +74,9 @@ def check_size(declared: str | None, limit: int) -> None:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
 
 
-def parse_body(body: bytes, header_len: str | None, limit: int) -> tuple[InferenceRequest, dict[str, memoryview]]:
+def parse_body(
+    body: bytes | memoryview, header_len: str | None, limit: int
+) -> tuple[InferenceRequest, dict[str, memoryview]]:
     """Parse a JSON body, or a JSON header followed by binary tensor data."""
     if len(body) > limit:
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
@@ -81,7 +84,7 @@ def parse_body(body: bytes, header_len: str | None, limit: int) -> tuple[Inferen
     if not 0 <= split <= len(body):
         raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
     try:
-        parsed = InferenceRequest.model_validate(json.loads(body[:split]))
+        parsed = InferenceRequest.model_validate(json.loads(bytes(body[:split])))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
     except WireError as exc:
@@ -116,7 +119,7 @@ class InferAnswer:
             self.codes[status] = self.metrics.requests.labels(self.plane.name, str(status))
         return self.codes[status]
 
-    async def __call__(self, name: str, body: bytes, header_len: str | None) -> Parts:
+    async def __call__(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
         start = time.perf_counter()
         inflight = self.metrics.inflight.labels(self.plane.name)
         inflight.inc()
@@ -128,7 +131,7 @@ class InferAnswer:
         self.metrics.latency.labels(self.plane.name).observe(time.perf_counter() - start)
         return status, payload, headers
 
-    async def _answer(self, name: str, body: bytes, header_len: str | None) -> Parts:
+    async def _answer(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
         try:
             self.plane.check_name(name)
             parsed, binary = parse_body(body, header_len, self.limit)
@@ -150,43 +153,43 @@ class InferFastPath:
     machinery (middleware stack, routing, dependency solving: about 40% of a small request's CPU
     in a profile); everything else, the OpenAPI document included, is FastAPI's."""
 
-    PREFIX, SUFFIX = "/v2/models/", "/infer"
-
     def __init__(self, api: FastAPI, answer: InferAnswer) -> None:
         self.api, self.answer = api, answer
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] == "POST" and path.startswith(self.PREFIX):
-            name = path[len(self.PREFIX) : -len(self.SUFFIX)] if path.endswith(self.SUFFIX) else ""
-            if name and "/" not in name:
-                await self.infer(name, scope, receive, send)
-                return
-        await self.api(scope, receive, send)
-
-    async def infer(self, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        name = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if name is None:
+            await self.api(scope, receive, send)
+            return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             check_size(headers.get("content-length"), self.answer.limit)
+            body = await self.read_body(scope, receive)
         except KilnError as exc:
             await self.reply(send, *error_parts(exc))
             return
+        if body is not None:
+            await self.reply(send, *await self.answer(name, body, headers.get(BINARY_HEADER.lower())))
+
+    async def read_body(self, scope: dict[str, Any], receive: Any) -> bytes | memoryview | None:
+        """The whole body (None: the client left): InferBodyProtocol's buffer, or the pieces joined."""
+        buffer: BodyBuffer | None = scope.get("extensions", {}).get(BODY_EXTENSION)
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.answer.limit:
-                await self.reply(
-                    send, *error_parts(PayloadTooLarge(f"request body exceeds the limit of {self.answer.limit}"))
-                )
-                return
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.answer.limit}")
             if not message.get("more_body"):
                 break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        await self.reply(send, *await self.answer(name, body, headers.get(BINARY_HEADER.lower())))
+        if buffer is not None:
+            if not buffer.complete:
+                raise InvalidInput(f"request body ended after {buffer.filled} of {buffer.length} bytes")
+            return buffer.view
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     @staticmethod
     async def reply(send: Any, status: int, payload: bytes, headers: list[tuple[str, str]]) -> None:
@@ -380,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.graceful_seconds,
         access_log=False,
+        http=protocol_with_limit(settings.max_body_bytes),
         proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
     )
     app.server = DrainingServer(config, app.plane, settings.drain_seconds)

@@ -25,6 +25,8 @@ DATATYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "FP64": (torch.float64, np.dtype(np.float64)),
 }
 BY_TORCH: dict[torch.dtype, str] = {t: name for name, (t, _) in DATATYPES.items()}
+# Binary tensors this well aligned in a writable body buffer are used where they lie (no copy).
+ALIGNMENT = 64
 
 
 def datatype_of(dtype: torch.dtype) -> str:
@@ -58,7 +60,9 @@ def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Ten
             raise InvalidInput(f"input {inp.name!r}: data is not {inp.datatype} (or is ragged): {exc}") from exc
         if array.size != count:
             raise InvalidInput(f"input {inp.name!r}: {array.size} values for shape {inp.shape}, expected {count}")
-    return torch.from_numpy(array.reshape(inp.shape).copy())
+    if not array.flags.writeable or array.ctypes.data % ALIGNMENT:
+        array = array.copy()  # read-only bytes, or a start that kernels' vector loads may not like
+    return torch.from_numpy(array.reshape(inp.shape))
 
 
 def to_rest(name: str, tensor: torch.Tensor, binary: bool) -> tuple[ResponseOutput, bytes | None]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import shutil
 import signal
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -195,18 +198,46 @@ def test_a_full_queue_answers_503_with_retry_after_and_serves_the_rest(  # type:
             torch.testing.assert_close(outputs_of(r)[0], models.eager("mlp", *inp)[0], atol=1e-4, rtol=1e-3)
 
 
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), data
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    length = next((int(v) for k, _, v in (h.partition(": ") for h in lines[1:]) if k.lower() == "content-length"), 0)
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(lines[0].split()[1]), rest
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve(
-        f"--artifact={compiled['mlp'].folder}", "--model-name=mlp", "--max-delay-ms=800", "--max-batch-size=16"
-    )
+    server = serve(f"--artifact={compiled['mlp'].folder}", "--model-name=mlp")
     inputs = models.examples("mlp", 2, seed=3)
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(infer_json, server, "mlp", inputs, ["x", "y"])
-        while server.metric("kiln_inflight_requests") == 0:
-            assert not pending.done()  # it waits 800 ms in the batcher
+    tensors = [
+        {"name": n, "shape": list(t.shape), "datatype": "FP32", "data": t.flatten().tolist()}
+        for n, t in zip(["x", "y"], inputs, strict=True)
+    ]
+    body = json.dumps({"inputs": tensors}).encode()
+    url = httpx.URL(server.url)
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        # The server answers "100 Continue" once it has taken the request up: from then on it is in flight.
+        sock.sendall(
+            b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert read_response(sock)[0] == 100
         server.proc.send_signal(signal.SIGTERM)
-        response = pending.result(timeout=30)
-    torch.testing.assert_close(outputs_of(response)[0], models.eager("mlp", *inputs)[0], atol=1e-4, rtol=1e-3)
+        deadline = time.monotonic() + 30
+        while "Shutting down" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.05)
+        sock.sendall(body)  # the body arrives after the server began to shut down
+        status, payload = read_response(sock)
+    assert status == 200, payload
+    got = torch.tensor(json.loads(payload)["outputs"][0]["data"]).reshape(2, -1)
+    torch.testing.assert_close(got, models.eager("mlp", *inputs)[0], atol=1e-4, rtol=1e-3)
     # uvicorn re-raises the signal once shut down, the way a process killed by it would end
     assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     assert "Finished server process" in server.log.read_text()
