@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profiles kiln-serve under load with py-spy (on the GPU machine: after bench/gpu.sh has
 # installed the wheels and compiled resnet50). Prints where the server's threads spend time.
-#   MODELS=resnet50 MODES=aot SKIP_SERVING=1 bash bench/gpu.sh && bash bench/profile_serving.sh
+#   MODELS=resnet50 MODES=aot SKIP_SERVING=1 bash bench/gpu.sh && CONCURRENCY=64 bash bench/profile_serving.sh
 set -euo pipefail
 pkg=/tmp/kp; out=${OUT:-/tmp/out}
 export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
@@ -12,18 +12,13 @@ python3 -P -m kiln.runtime.server --artifact "$art" --model-name resnet50 --devi
   --max-batch-size 64 --max-delay-ms 1 > "$out/serve-profile.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do curl -sf 127.0.0.1:18555/v2/health/ready >/dev/null && break; sleep 0.2; done
-python3 - <<'PY' &
-import sys, time, threading
-sys.argv = ["x"]
+CONCURRENCY=${CONCURRENCY:-64} python3 - <<'PY' &
+import os
 from bench import models
-from bench.client import Client, encode
+from bench.client import encode
+from bench.serving import load
 body, headers = encode(models.names("resnet50"), [t.numpy() for t in models.inputs("resnet50", 1)])
-def loop():
-    c = Client("127.0.0.1", 18555); end = time.time() + 14
-    while time.time() < end:
-        c.infer("resnet50", body, headers)
-ts = [threading.Thread(target=loop) for _ in range(16)]
-[t.start() for t in ts]; [t.join() for t in ts]
+print(load(18555, "resnet50", body, headers, int(os.environ["CONCURRENCY"]), 14))
 PY
 load=$!
 sleep 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 from kiln.runtime.errors import Overloaded
+
+log = logging.getLogger(__name__)
 
 RunFn = Callable[[Sequence[torch.Tensor]], Any]  # the results, or something `finish` turns into them
 FinishFn = Callable[[Any], list[torch.Tensor]]
@@ -70,8 +73,10 @@ class Batcher:
         dim: int = 0,
         batchable: bool = True,
         finish: FinishFn | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self._prepare = prepare  # runs in the model thread before the first batch (late warm-up)
         self._merge = merge or concat
         self._finish = finish
         self._dim = dim
@@ -152,6 +157,11 @@ class Batcher:
         return batch
 
     def _work(self) -> None:
+        if self._prepare is not None:
+            try:
+                self._prepare()
+            except Exception:  # a batch of that size will report its own error; keep serving
+                log.exception("late warm-up failed")
         while (batch := self._gather()) is not None:
             batch = [p for p in batch if not p.future.done()]  # drop requests whose client left
             if not batch:

@@ -57,13 +57,22 @@ class DataPlane:
         self.metrics.load_seconds.labels(self.name, model.loader).set(time.perf_counter() - start)
         log.info("loaded %s with %s in %.2f s", self.name, model.loader, time.perf_counter() - start)
         start = time.perf_counter()
-        self.warm_up(model)
+        self.warm_up(model, self.warm_sizes(model)[0])
         self.metrics.warmup_seconds.labels(self.name).set(time.perf_counter() - start)
         self.model = model
 
-    def warm_up(self, model: LoadedModel) -> None:
-        """Run every batch size we may call with before reporting ready."""
+    def warm_sizes(self, model: LoadedModel) -> tuple[list[int], list[int]]:
+        """Batch sizes to run before reporting ready, and after (in the model thread, ahead of any request).
+
+        A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
+        report ready and the larger sizes warm up behind it; jit compiles per size, all before ready."""
         sizes = sorted({1, min(2, self.max_rows(model)), self.max_rows(model)})
+        if model.loader in ("runner", "package"):
+            return sizes[:1], sizes[1:]
+        return sizes, []
+
+    def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
+        """Call the model at each batch size once."""
         with torch.inference_mode():
             for rows in sizes:
                 model.fn(example_inputs(model.signature, rows, model.device))
@@ -93,6 +102,7 @@ class DataPlane:
             dim=model.batch_dim,
             batchable=self.batching.batchable,
             finish=finish,
+            prepare=lambda: self.warm_up(model, self.warm_sizes(model)[1]),
         )
         self.batcher.start()
         self.ready = True

@@ -1,166 +1,90 @@
-"""`kiln-serve`: the Open Inference Protocol v2 over HTTP (FastAPI + uvicorn).
+"""`kiln-serve`: the Open Inference Protocol v2 over HTTP (uvicorn, FastAPI behind a fast front).
 
-Runtime layer 4: routes and the HTTP side of errors. Routes are registered in one
-place (`register_routes`), domain errors mapped to codes in one place (`STATUS`),
-with the protocol's one error body `{"error": "..."}`.
+Runtime layer 4 (HTTP). `FastFront` answers inference requests and health probes itself and passes every other
+request to the FastAPI application of kiln.runtime.routes, built once the model is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError as WireError
 
-from kiln import __version__
 from kiln.runtime.bodies import BODY_EXTENSION, BodyBuffer, infer_model, protocol_with_limit
 from kiln.runtime.dataplane import BatchSettings, DataPlane
-from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
+from kiln.runtime.errors import InvalidInput, KilnError, PayloadTooLarge
+from kiln.runtime.inference import InferAnswer, check_size, error_parts
 from kiln.runtime.loader import JitArgs, LoadedModel
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.protocol import (
-    BINARY_HEADER,
-    ErrorResponse,
-    InferenceRequest,
-    InferenceResponse,
-    ModelMetadata,
-    ServerMetadata,
-)
+from kiln.runtime.protocol import BINARY_HEADER
 from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
 
 log = logging.getLogger("kiln.serve")
 
-STATUS: dict[type[KilnError], int] = {
-    InvalidInput: 400,
-    ModelNotFound: 404,
-    PayloadTooLarge: 413,
-    NotReady: 503,
-    Overloaded: 503,
-}
-RETRY_AFTER_SECONDS = "1"
-# An HTTP answer as the fast path sends it: status, body, headers.
-Parts = tuple[int, bytes, list[tuple[str, str]]]
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-def error_parts(exc: KilnError) -> Parts:
-    """(status, JSON body, headers) of a domain error: one line that says what was wrong."""
-    code = next((c for t, c in STATUS.items() if isinstance(exc, t)), 500)
-    headers = [("content-type", "application/json")]
-    if isinstance(exc, (Overloaded, NotReady)):
-        headers.append(("retry-after", RETRY_AFTER_SECONDS))
-    return code, json.dumps({"error": str(exc)}).encode(), headers
+class FastFront:
+    """The ASGI application uvicorn runs. POST /v2/models/{name}/infer and the health probes are
+    answered here, without FastAPI's per-request machinery (middleware stack, routing, dependency
+    solving: about 40% of a small request's CPU in a profile); every other request goes to the
+    FastAPI application, which is imported and built in the background once the model is ready:
+    a replica reports ready without paying for it. The ASGI lifespan starts the model's load."""
 
+    HEALTH = {"/v2/health/live", "/v2/health/ready"}
 
-def error_response(exc: KilnError) -> Response:
-    code, body, headers = error_parts(exc)
-    return Response(body, status_code=code, headers=dict(headers))
-
-
-def check_size(declared: str | None, limit: int) -> None:
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-
-
-def parse_body(
-    body: bytes | memoryview, header_len: str | None, limit: int
-) -> tuple[InferenceRequest, dict[str, memoryview]]:
-    """Parse a JSON body, or a JSON header followed by binary tensor data."""
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
-    split = len(body) if header_len is None else (int(header_len) if header_len.isdigit() else -1)
-    if not 0 <= split <= len(body):
-        raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
-    try:
-        parsed = InferenceRequest.model_validate(json.loads(bytes(body[:split])))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
-    except WireError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(f"malformed inference request at {where}: {first['msg']}") from exc
-    binary: dict[str, memoryview] = {}
-    view = memoryview(body)  # slices without copying
-    offset = split
-    for inp in parsed.inputs:
-        size = (inp.parameters or {}).get("binary_data_size")
-        if size is None:
-            continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(body):
-            raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
-        binary[inp.name] = view[offset : offset + size]
-        offset += size
-    if offset != len(body):
-        raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    return parsed, binary
-
-
-class InferAnswer:
-    """One inference request, body in, (status, payload, headers) out, counted in the metrics."""
-
-    def __init__(self, plane: DataPlane, limit: int, metrics: Metrics) -> None:
-        self.plane, self.limit, self.metrics = plane, limit, metrics
-        self.codes: dict[int, Any] = {}  # prometheus label children, resolved once per status
-
-    def _count(self, status: int) -> Any:
-        if status not in self.codes:
-            self.codes[status] = self.metrics.requests.labels(self.plane.name, str(status))
-        return self.codes[status]
-
-    async def __call__(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
-        start = time.perf_counter()
-        inflight = self.metrics.inflight.labels(self.plane.name)
-        inflight.inc()
-        try:
-            status, payload, headers = await self._answer(name, body, header_len)
-        finally:
-            inflight.dec()
-        self._count(status).inc()
-        self.metrics.latency.labels(self.plane.name).observe(time.perf_counter() - start)
-        return status, payload, headers
-
-    async def _answer(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
-        try:
-            self.plane.check_name(name)
-            parsed, binary = parse_body(body, header_len, self.limit)
-            result, chunks = await self.plane.infer(parsed, binary)
-        except KilnError as exc:
-            return error_parts(exc)
-        header = result.model_dump_json(exclude_none=True).encode()
-        if not chunks:
-            return 200, header, [("content-type", "application/json")]
-        return (
-            200,
-            header + b"".join(chunks),
-            [("content-type", "application/octet-stream"), (BINARY_HEADER.lower(), str(len(header)))],
-        )
-
-
-class InferFastPath:
-    """ASGI in front of FastAPI: POST /v2/models/{name}/infer skips the framework's per-request
-    machinery (middleware stack, routing, dependency solving: about 40% of a small request's CPU
-    in a profile); everything else, the OpenAPI document included, is FastAPI's."""
-
-    def __init__(self, api: FastAPI, answer: InferAnswer) -> None:
-        self.api, self.answer = api, answer
+    def __init__(
+        self, answer: InferAnswer, build_api: Callable[[], ASGIApp], startup: Callable[[], Awaitable[None]]
+    ) -> None:
+        self.answer, self.build_api, self.startup = answer, build_api, startup
+        self.api: asyncio.Future[ASGIApp] | None = None
+        self.loading: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        name = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        if name is None:
-            await self.api(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
             return
+        name = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if name is not None:
+            await self.infer(name, scope, receive, send)
+        elif scope.get("method") == "GET" and scope.get("path") in self.HEALTH:
+            plane = self.answer.plane
+            ok = scope["path"].endswith("live") or (plane.ready and not plane.draining)
+            await self.reply(send, 200 if ok else 503, b"", [])
+        else:
+            await (await self.application())(scope, receive, send)
+
+    async def application(self) -> ASGIApp:
+        """The FastAPI application, built in a worker thread on first need (or once the model is ready)."""
+        if self.api is None:
+            self.api = asyncio.ensure_future(asyncio.to_thread(self.build_api))
+        return await asyncio.shield(self.api)
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.loading = asyncio.create_task(self.startup())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.loading is not None:
+                    self.loading.cancel()
+                if self.answer.plane.batcher is not None:
+                    await self.answer.plane.batcher.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def infer(self, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             check_size(headers.get("content-length"), self.answer.limit)
@@ -196,77 +120,6 @@ class InferFastPath:
         raw = [(k.encode(), v.encode()) for k, v in headers] + [(b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": payload})
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse} for code in codes}
-
-
-def document_infer_body(app: FastAPI) -> dict[str, Any]:
-    """The infer route reads its raw body (JSON, or JSON plus binary tensors), so FastAPI cannot
-    describe it: this puts InferenceRequest in the OpenAPI document, for clients and fuzzers."""
-    schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = schema.pop("$defs", {})
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            generate().setdefault("components", {}).setdefault("schemas", {}).update(defs)
-        return app.openapi_schema  # type: ignore[return-value]
-
-    app.openapi = openapi  # type: ignore[method-assign]
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def register_routes(app: FastAPI, plane: DataPlane, settings: ServeSettings, metrics: Metrics) -> InferAnswer:
-    """The routes of kiln-serve; returns what answers inference requests (for InferFastPath)."""
-
-    @app.get("/v2")
-    async def server_metadata() -> ServerMetadata:
-        return ServerMetadata(name="kiln", version=__version__, extensions=["binary_tensor_data"])
-
-    @app.get("/v2/health/live")
-    async def live() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/v2/health/ready")
-    async def ready() -> Response:
-        return Response(status_code=200 if plane.ready and not plane.draining else 503)
-
-    @app.get("/v2/models/{name}", responses={200: {"model": ModelMetadata}, **_errors(404, 503)})
-    async def model_metadata(name: str) -> Response:
-        plane.check_name(name)
-        return Response(plane.metadata().model_dump_json(exclude_none=True), media_type="application/json")
-
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> Response:
-        plane.check_name(name)
-        return Response(status_code=200 if plane.ready and not plane.draining else 503)
-
-    @app.post(
-        "/v2/models/{name}/infer",
-        openapi_extra=document_infer_body(app),
-        responses={200: {"model": InferenceResponse}, **_errors(400, 404, 413, 503)},
-    )
-    async def infer(name: str, request: Request) -> Response:
-        """Documents the route; requests are answered by InferFastPath, in front of FastAPI."""
-        body = await request.body()
-        status, payload, headers = await answer(name, body, request.headers.get(BINARY_HEADER))
-        return Response(payload, status_code=status, headers=dict(headers))
-
-    answer = InferAnswer(plane, settings.max_body_bytes, metrics)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        if plane.batcher is not None:
-            metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.exception_handler(KilnError)
-    async def domain_error(_: Request, exc: KilnError) -> Response:
-        return error_response(exc)
-
-    return answer
 
 
 def jit_args(settings: ServeSettings) -> JitArgs | None:
@@ -340,16 +193,12 @@ class App:
         )
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
-        self.api = FastAPI(title="kiln-serve", version=__version__, lifespan=self.lifespan)
-        self.asgi = InferFastPath(self.api, register_routes(self.api, self.plane, settings, self.metrics))
+        self.asgi = FastFront(InferAnswer(self.plane, settings.max_body_bytes, self.metrics), self.api, self.load)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.load())
-        yield
-        task.cancel()
-        if self.plane.batcher is not None:
-            await self.plane.batcher.stop()
+    def api(self) -> ASGIApp:
+        from kiln.runtime.routes import build_api  # FastAPI: imported once the model is ready
+
+        return build_api(self.plane, self.metrics, self.asgi.answer)
 
     async def load(self) -> None:
         start = time.perf_counter()
@@ -366,14 +215,11 @@ class App:
             return
         self.plane.start()
         log.info("ready in %.2f s (model %s)", time.perf_counter() - start, self.plane.name)
+        await self.asgi.application()
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    import os
-
-    if os.environ.get("KILN_SWITCH"):
-        sys.setswitchinterval(float(os.environ["KILN_SWITCH"]))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = App(settings)
     config = uvicorn.Config(

@@ -1,0 +1,118 @@
+"""Answering inference requests over HTTP, framework-free: body in, (status, payload, headers) out.
+
+Runtime layer 4 (HTTP side of the dataplane). Domain errors are mapped to codes in one
+place (`STATUS`), with the protocol's one error body `{"error": "..."}`. Used by the fast
+front (kiln.runtime.server) and by the FastAPI application (kiln.runtime.routes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import ValidationError as WireError
+
+from kiln.runtime.dataplane import DataPlane
+from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
+from kiln.runtime.metrics import Metrics
+from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest
+
+STATUS: dict[type[KilnError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    NotReady: 503,
+    Overloaded: 503,
+}
+RETRY_AFTER_SECONDS = "1"
+# An HTTP answer as the fast path sends it: status, body, headers.
+Parts = tuple[int, bytes, list[tuple[str, str]]]
+
+
+def error_parts(exc: KilnError) -> Parts:
+    """(status, JSON body, headers) of a domain error: one line that says what was wrong."""
+    code = next((c for t, c in STATUS.items() if isinstance(exc, t)), 500)
+    headers = [("content-type", "application/json")]
+    if isinstance(exc, (Overloaded, NotReady)):
+        headers.append(("retry-after", RETRY_AFTER_SECONDS))
+    return code, json.dumps({"error": str(exc)}).encode(), headers
+
+
+def check_size(declared: str | None, limit: int) -> None:
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+
+
+def parse_body(
+    body: bytes | memoryview, header_len: str | None, limit: int
+) -> tuple[InferenceRequest, dict[str, memoryview]]:
+    """Parse a JSON body, or a JSON header followed by binary tensor data."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
+    split = len(body) if header_len is None else (int(header_len) if header_len.isdigit() else -1)
+    if not 0 <= split <= len(body):
+        raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
+    try:
+        parsed = InferenceRequest.model_validate(json.loads(bytes(body[:split])))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+    except WireError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"malformed inference request at {where}: {first['msg']}") from exc
+    binary: dict[str, memoryview] = {}
+    view = memoryview(body)  # slices without copying
+    offset = split
+    for inp in parsed.inputs:
+        size = (inp.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
+        binary[inp.name] = view[offset : offset + size]
+        offset += size
+    if offset != len(body):
+        raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
+    return parsed, binary
+
+
+class InferAnswer:
+    """One inference request, body in, (status, payload, headers) out, counted in the metrics."""
+
+    def __init__(self, plane: DataPlane, limit: int, metrics: Metrics) -> None:
+        self.plane, self.limit, self.metrics = plane, limit, metrics
+        self.codes: dict[int, Any] = {}  # prometheus label children, resolved once per status
+
+    def _count(self, status: int) -> Any:
+        if status not in self.codes:
+            self.codes[status] = self.metrics.requests.labels(self.plane.name, str(status))
+        return self.codes[status]
+
+    async def __call__(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
+        start = time.perf_counter()
+        inflight = self.metrics.inflight.labels(self.plane.name)
+        inflight.inc()
+        try:
+            status, payload, headers = await self._answer(name, body, header_len)
+        finally:
+            inflight.dec()
+        self._count(status).inc()
+        self.metrics.latency.labels(self.plane.name).observe(time.perf_counter() - start)
+        return status, payload, headers
+
+    async def _answer(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
+        try:
+            self.plane.check_name(name)
+            parsed, binary = parse_body(body, header_len, self.limit)
+            result, chunks = await self.plane.infer(parsed, binary)
+        except KilnError as exc:
+            return error_parts(exc)
+        header = result.model_dump_json(exclude_none=True).encode()
+        if not chunks:
+            return 200, header, [("content-type", "application/json")]
+        return (
+            200,
+            header + b"".join(chunks),
+            [("content-type", "application/octet-stream"), (BINARY_HEADER.lower(), str(len(header)))],
+        )
