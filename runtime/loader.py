@@ -73,6 +73,13 @@ def check_manifest(manifest: Manifest, device: str) -> None:
 
 
 def _runner(so: Path, device: str) -> ModelFn:
+    """The library called through its C interface (the GIL is free while it runs), else torch's runner class."""
+    from kiln.runtime.aoti_library import AotiLibrary
+
+    try:  # two model instances on a GPU: the next batch launches while the last one still runs
+        return AotiLibrary(so, device, num_models=2 if device == "cuda" else 1)
+    except (AttributeError, OSError, RuntimeError) as exc:
+        log.warning("calling %s through its C interface failed (%s); using torch's runner class", so.name, exc)
     aoti = torch._C._aoti
     if device == "cuda":
         runner = aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda", str(so.parent))
