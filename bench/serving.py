@@ -1,7 +1,7 @@
 """Serving speed: kiln-serve over HTTP at several concurrencies, with and without dynamic batching,
 against the same compiled model called in-process (the limit).
 
-    python -m bench.serving --model resnet50 --device cuda --artifact /var/tmp/kiln-bench/cache/<key>
+    python -m bench.serving --model resnet50 --device cuda --artifact /var/tmp/kiln-bench/cache-resnet50/<key>
 
 Each client sends batch-1 requests with binary tensors over keep-alive connections,
 from several processes so the client is not the bottleneck.

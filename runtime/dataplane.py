@@ -65,11 +65,14 @@ class DataPlane:
         """Batch sizes to run before reporting ready, and after (in the model thread, ahead of any request).
 
         A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
-        report ready and the larger sizes warm up behind it; jit compiles per size, all before ready."""
+        report ready. On a GPU the larger sizes still load kernels and library workspaces on first
+        use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
+        what any call costs, and warming batch 32 of BERT there would only hold the first requests
+        up for seconds. jit compiles per size: all sizes before ready."""
         sizes = sorted({1, min(2, self.max_rows(model)), self.max_rows(model)})
-        if model.loader in ("runner", "package"):
-            return sizes[:1], sizes[1:]
-        return sizes, []
+        if model.loader not in ("runner", "package"):
+            return sizes, []
+        return sizes[:1], sizes[1:] if model.device != "cpu" else []
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
         """Call the model at each batch size once."""
