@@ -76,6 +76,8 @@ class DataPlane:
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
         """Call the model at each batch size once."""
+        if not sizes:
+            return
         with torch.inference_mode():
             for rows in sizes:
                 model.fn(example_inputs(model.signature, rows, model.device))
