@@ -76,8 +76,6 @@ class DataPlane:
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
         """Call the model at each batch size once."""
-        if not sizes:
-            return
         with torch.inference_mode():
             for rows in sizes:
                 model.fn(example_inputs(model.signature, rows, model.device))
@@ -93,6 +91,7 @@ class DataPlane:
         run: RunFn = model.fn
         merge: MergeFn | None = None
         finish: FinishFn | None = None
+        later = self.warm_sizes(model)[1]
         if model.device != "cpu":  # copies overlap the model's work; another thread waits for results
             gpu = CudaTransfers(model.device)
             run, merge, finish = (lambda inputs: gpu.launch(model.fn, inputs)), gpu.upload, OnTheWay.wait
@@ -107,7 +106,7 @@ class DataPlane:
             dim=model.batch_dim,
             batchable=self.batching.batchable,
             finish=finish,
-            prepare=lambda: self.warm_up(model, self.warm_sizes(model)[1]),
+            prepare=(lambda: self.warm_up(model, later)) if later else None,
         )
         self.batcher.start()
         self.ready = True

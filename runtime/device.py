@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.runtime.batching import concat
+
 ModelFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -47,9 +49,7 @@ class CudaTransfers:
         for inputs in parts:
             for t in inputs:
                 t.record_stream(compute)  # memory allocated on the copy stream, read on this one
-        if len(parts) == 1:
-            return parts[0]
-        return [torch.cat(column, dim) for column in zip(*parts, strict=True)]
+        return concat(parts, dim)
 
     def launch(self, fn: ModelFn, inputs: Sequence[torch.Tensor]) -> OnTheWay:
         """Queue the model call and the copy of its results to pinned host memory; wait for neither."""
