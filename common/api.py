@@ -442,6 +442,10 @@ class CompiledArtifactStatus(Strict):
     sha256: str | None = None
     compile_seconds: float | None = None
     torch_version: str | None = None
+    dims: Annotated[
+        str | None,
+        Field(description="Dynamic dimensions of the inputs and the sizes they accept, e.g. 'batch=1..32 seq=2..64'."),
+    ] = None
     job: str | None = None
     message: str = ""
     ready_at: Annotated[str | None, Field(description="When the artifact last became Ready.")] = None

@@ -12,7 +12,8 @@ from typing import Any
 
 from kiln.api import CompileSpec, json_ready
 
-KEY_SCHEMA = 1
+# 2: artifacts keep every dynamic dimension the archive declares (1 fixed all but batch).
+KEY_SCHEMA = 2
 
 
 def canonical_json(value: Any) -> str:

@@ -7,16 +7,19 @@ artifact built for another torch version or GPU; the operator reads sizes from i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_NAME = "manifest.json"
 PACKAGE_NAME = "model.pt2"
 # The compiled library extracted from the package, loaded without inductor (see loader).
 RUNNER_DIR = "runner"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
+# The dynamic dimension requests are merged and split along.
+BATCH = "batch"
 # kiln-serve's termination message starts with this when a file fails its sha256: the
 # operator reads it from serving pods and compiles the key again.
 CORRUPT_REASON = "ArtifactCorrupt"
@@ -26,14 +29,36 @@ CORRUPT_REASON = "ArtifactCorrupt"
 Engine = Literal["aotinductor", "openvino", "torchscript", "exported-program"]
 
 
+class DimRange(BaseModel):
+    """The sizes a dynamic dimension accepts, both ends included."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int
+    max: int
+
+    def __str__(self) -> str:
+        return f"{self.min}..{self.max}"
+
+
 class TensorSpec(BaseModel):
-    """One named input or output; -1 marks the dynamic batch dimension."""
+    """One named input or output; -1 marks each dynamic dimension, `dims` names them."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     datatype: Annotated[str, Field(description="Open Inference Protocol datatype, e.g. FP32.")]
     shape: list[int]
+    dims: Annotated[
+        list[str | None],
+        Field(
+            description="Per dimension, the name of its dynamic dimension (null: static). Tensors that share "
+            "a name agree in size; empty in manifests of schema 1, where -1 was always the batch."
+        ),
+    ] = Field(default_factory=list)
+
+    def dim_names(self) -> list[str | None]:
+        return list(self.dims) if self.dims else [BATCH if d == -1 else None for d in self.shape]
 
 
 class Signature(BaseModel):
@@ -41,6 +66,21 @@ class Signature(BaseModel):
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    dims: Annotated[
+        dict[str, DimRange],
+        Field(description="Every named dynamic dimension of the inputs and its range; `batch` among them."),
+    ] = Field(default_factory=dict)
+
+    def shape_at(self, spec: TensorSpec, sizes: Mapping[str, int]) -> list[int]:
+        """The shape of `spec` with each dynamic dimension at its size in `sizes` (default: its minimum)."""
+        return [
+            size if name is None else sizes.get(name, self.dims[name].min if name in self.dims else 1)
+            for size, name in zip(spec.shape, spec.dim_names(), strict=True)
+        ]
+
+    def describe_dims(self) -> str:
+        """`batch=1..32 seq=2..64`: what status and logs show."""
+        return " ".join(f"{name}={rng}" for name, rng in self.dims.items())
 
 
 class Validation(BaseModel):
@@ -49,6 +89,9 @@ class Validation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_sizes: list[int]
+    points: Annotated[
+        list[dict[str, int]], Field(description="Sizes of the dynamic dimensions at each compared call.")
+    ] = Field(default_factory=list)
     max_abs_error: float
     max_rel_error: float
     loader: str
@@ -81,6 +124,13 @@ class Manifest(BaseModel):
     compile_seconds: float
     validation: Validation | None = None
     note: Annotated[str | None, Field(description="What a user should know about how it is served.")] = None
+
+    @model_validator(mode="after")
+    def _batch_range(self) -> Manifest:
+        """Schema 1 recorded only the batch range: name it, so every reader sees `signature.dims`."""
+        if not self.signature.dims:
+            self.signature.dims = {BATCH: DimRange(min=self.batch_min, max=self.batch_max)}
+        return self
 
     def checked_files(self) -> dict[str, str]:
         """Every file of the artifact with the sha256 it must have (relative path → digest)."""

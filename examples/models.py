@@ -37,26 +37,79 @@ class SmallConvNet(nn.Module):
         return self.head(self.features(image).flatten(1))
 
 
-def examples(name: str, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+class TinyEncoder(nn.Module):
+    """A variable-length text encoder: token ids [B, S] (int64) and a mask [B, S] → a dict of
+    `pooled` [B, 32] and `hidden` [B, S, 32]. Self-attention over S, so every length gives other numbers."""
+
+    VOCAB, WIDTH, MAX_LEN = 1000, 32, 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(self.VOCAB, self.WIDTH)
+        self.position = nn.Embedding(self.MAX_LEN, self.WIDTH)
+        self.attention = nn.MultiheadAttention(self.WIDTH, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(self.WIDTH, 64), nn.GELU(), nn.Linear(64, self.WIDTH))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embed(ids) + self.position(positions)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        h = h + self.mlp(h)
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return {"pooled": pooled, "hidden": h}
+
+
+class MixedDtypes(nn.Module):
+    """Inputs of three dtypes: `tokens` int64 [B, 8], `scale` fp16 [B, 4], `bias` bf16 [B, 4] → fp32 and bf16 out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 4)
+
+    def forward(
+        self, tokens: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed = self.embed(tokens).sum(1) * scale.float() + bias.float()
+        return mixed, mixed.to(torch.bfloat16)
+
+
+BUILDERS = {"mlp": TwoInputMLP, "conv": SmallConvNet, "encoder": TinyEncoder, "mixed": MixedDtypes}
+
+
+def examples(name: str, batch: int = 2, seed: int = 0, length: int = 5) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     if name == "mlp":
         return torch.randn(batch, 16, generator=g), torch.randn(batch, 4, generator=g)
+    if name == "encoder":
+        ids = torch.randint(0, TinyEncoder.VOCAB, (batch, length), generator=g)
+        mask = (torch.rand(batch, length, generator=g) > 0.2).to(torch.int64)
+        return ids, mask
+    if name == "mixed":
+        tokens = torch.randint(0, 100, (batch, 8), generator=g)
+        return tokens, torch.randn(batch, 4, generator=g).half(), torch.randn(batch, 4, generator=g).bfloat16()
     return (torch.randn(batch, 3, 16, 16, generator=g),)
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return (TwoInputMLP() if name == "mlp" else SmallConvNet()).eval()
+    return BUILDERS[name]().eval()
 
 
 def export(name: str, path: Path, dynamic: bool = True, seed: int = 0) -> Path:
-    """torch.export.save an ExportedProgram of the model (weights from `seed`) to `path`."""
+    """torch.export.save an ExportedProgram of the model (weights from `seed`) to `path`.
+
+    The encoder's sequence length is dynamic too (2..64), as a user exports a text model."""
     model = build(name, seed)
     args = examples(name)
     shapes = None
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=64)
-        shapes = tuple({0: batch} for _ in args)
+        if name == "encoder":
+            seq = torch.export.Dim("seq", min=2, max=TinyEncoder.MAX_LEN)
+            shapes = tuple({0: batch, 1: seq} for _ in args)
+        else:
+            shapes = tuple({0: batch} for _ in args)
     program = torch.export.export(model, args, dynamic_shapes=shapes)
     torch.export.save(program, str(path))
     return path
@@ -65,22 +118,30 @@ def export(name: str, path: Path, dynamic: bool = True, seed: int = 0) -> Path:
 def eager(name: str, *inputs: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
     with torch.inference_mode():
         out = build(name, seed)(*inputs)
+    if isinstance(out, dict):
+        return list(out.values())
     return list(out) if isinstance(out, tuple) else [out]
 
 
 # --- the same models in the formats users bring from other servers -----------------------------
 
+SEQ = {"name": "seq", "min": 2, "max": TinyEncoder.MAX_LEN}
 INPUTS = {
     "mlp": [{"name": "x", "dtype": "float32", "shape": [-1, 16]}, {"name": "y", "dtype": "float32", "shape": [-1, 4]}],
     "conv": [{"name": "image", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
+    "encoder": [{"name": "ids", "dtype": "int64", "shape": [-1, SEQ]}, {"name": "mask", "dtype": "int64", "shape": [-1, SEQ]}],
 }
-CLASSES = {"mlp": TwoInputMLP, "conv": SmallConvNet}
+OUTPUTS = {"encoder": ["pooled", "hidden"]}
+CLASSES = BUILDERS
 
 
 def kiln_yaml(name: str) -> str:
     import yaml
 
-    return yaml.safe_dump({"inputs": INPUTS[name]}, sort_keys=False)
+    config: dict[str, object] = {"inputs": INPUTS[name]}
+    if name in OUTPUTS:
+        config["outputs"] = OUTPUTS[name]
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def module_source(name: str) -> str:

@@ -169,6 +169,7 @@ def generate() -> dict[str, dict[str, Any]]:
                 {"name": "Bytes", "type": "integer", "jsonPath": ".status.sizeBytes"},
                 {"name": "Compile-s", "type": "number", "jsonPath": ".status.compileSeconds"},
                 {"name": "Used-By", "type": "string", "jsonPath": ".status.usedBy"},
+                {"name": "Dims", "type": "string", "priority": 1, "jsonPath": ".status.dims"},
                 {"name": "Message", "type": "string", "priority": 1, "jsonPath": ".status.message"},
                 age,
             ],

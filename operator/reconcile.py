@@ -388,6 +388,7 @@ def reconcile_artifact(
                     "sha256": summary.get("sha256"),
                     "compile_seconds": summary.get("compileSeconds"),
                     "torch_version": summary.get("torchVersion"),
+                    "dims": summary.get("dims"),
                 }
             )
         elif failure is not None:

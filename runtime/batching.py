@@ -1,5 +1,9 @@
 """Dynamic batching: merge concurrent requests up to a row budget within a delay, split results back.
 
+Only requests whose shapes are equal apart from the batch dimension are merged (a model with a
+dynamic sequence length gets one batch per length present within the delay); the others wait
+their turn, oldest first.
+
 Runtime dataplane layer (no HTTP). One model thread gathers batches and runs them, so
 the compiled model is never called concurrently; the queue is bounded, and a full
 queue is refused at once (Overloaded) instead of growing memory. Where a model call
@@ -10,6 +14,7 @@ while the model thread already gathers and launches the next.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -41,11 +46,20 @@ def concat(requests: list[list[torch.Tensor]], dim: int = 0) -> list[torch.Tenso
     return [torch.cat(parts, dim) for parts in zip(*requests, strict=True)]
 
 
+Group = tuple[tuple[int, ...], ...]  # every input's shape without the batch dimension
+
+
+def group_of(inputs: Sequence[torch.Tensor], dim: int) -> Group:
+    """Requests of one group can be concatenated along `dim`."""
+    return tuple(tuple(s for i, s in enumerate(t.shape) if i != dim) for t in inputs)
+
+
 @dataclass
 class _Pending:
     inputs: list[torch.Tensor]
     rows: int
     future: asyncio.Future[list[torch.Tensor]]
+    group: Group = ()
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -84,7 +98,7 @@ class Batcher:
         self._max_batch = max_batch
         self._max_delay = max_delay_s
         self._queue: queue.Queue[_Pending | object] = queue.Queue(maxsize=max_queue)
-        self._carry: _Pending | None = None
+        self._held: collections.deque[_Pending] = collections.deque()  # taken, but of another group or too big
         self._observe = observe
         self._pending = pending  # requests in flight; none beyond this batch means no wait
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,11 +122,14 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     async def submit(self, inputs: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
-        pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future())
+        group = group_of(inputs, self._dim) if self._batchable else ()
+        pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), group)
         try:
+            if self.depth >= self._queue.maxsize:
+                raise queue.Full
             self._queue.put_nowait(pending)
         except queue.Full:
             raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
@@ -120,10 +137,7 @@ class Batcher:
 
     # -- the model thread ----------------------------------------------------------------------
     def _next(self, timeout: float | None) -> _Pending | object | None:
-        """The next request (or _STOP); None when `timeout` passes first (0: only what is queued)."""
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
+        """The next queued request (or _STOP); None when `timeout` passes first (0: only what is queued)."""
         try:
             if timeout is None:
                 return self._queue.get()
@@ -132,26 +146,38 @@ class Batcher:
             return None
 
     def _gather(self) -> list[_Pending] | None:
-        """The next batch: the first request, then whatever fits before the delay ends; None: stop."""
-        first = self._next(None)
+        """The next batch: the oldest request, then others of its group that fit before the delay ends;
+        None: stop."""
+        first = self._held.popleft() if self._held else self._next(None)
         if not isinstance(first, _Pending):
             return None
         batch, rows = [first], first.rows
+        if self._batchable:  # same-group requests held back earlier come first
+            others: collections.deque[_Pending] = collections.deque()
+            for item in self._held:
+                if item.group == first.group and rows + item.rows <= self._max_batch:
+                    batch.append(item)
+                    rows += item.rows
+                else:
+                    others.append(item)
+            self._held = others
         deadline = time.perf_counter() + self._max_delay
         while self._batchable and rows < self._max_batch:
             item = self._next(0)
             if item is None:
-                if self._pending is not None and self._pending() <= len(batch):
+                if self._pending is not None and self._pending() <= len(batch) + len(self._held):
                     break  # nobody else is on the way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or (item := self._next(remaining)) is None:
                     break
             if not isinstance(item, _Pending):
-                self._queue.put(item)  # _STOP: serve this batch first
+                self._queue.put(item)  # _STOP: serve this batch (and those held) first
                 break
-            if rows + item.rows > self._max_batch:
-                self._carry = item
-                break
+            if item.group != first.group or rows + item.rows > self._max_batch:
+                self._held.append(item)
+                if item.group == first.group:
+                    break  # the batch is full
+                continue
             batch.append(item)
             rows += item.rows
         return batch

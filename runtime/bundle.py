@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as SchemaError
 
+from kiln.api import DynamicBatch
+from kiln.manifest import BATCH, DimRange, Signature, TensorSpec
 from kiln.runtime.errors import ArchiveError
 
 CONFIG_NAME = "kiln.yaml"
@@ -29,6 +31,7 @@ DTYPE_ALIASES = {
     "float": "FP32",
     "float16": "FP16",
     "half": "FP16",
+    "bfloat16": "BF16",
     "float64": "FP64",
     "double": "FP64",
     "int64": "INT64",
@@ -40,17 +43,39 @@ DTYPE_ALIASES = {
     "uint8": "UINT8",
     "bool": "BOOL",
 }
-DATATYPES = {"FP32", "FP16", "FP64", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"}
+DATATYPES = {"FP32", "FP16", "BF16", "FP64", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"}
 
 
-class InputDecl(BaseModel):
-    """One input tensor: -1 marks the batch dimension."""
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A dimension marked -1 anywhere but the batch, with no range of its own, accepts these sizes.
+DEFAULT_DIM_RANGE = DimRange(min=1, max=4096)
+
+
+class DimDecl(BaseModel):
+    """A named dynamic dimension: inputs that use one name agree in size."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+    min: Annotated[int, Field(ge=1)] = DEFAULT_DIM_RANGE.min
+    max: Annotated[int, Field(ge=1, le=1 << 20)] = DEFAULT_DIM_RANGE.max
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DimDecl:
+        if self.min > self.max:
+            raise ValueError(f"dimension {self.name!r}: min {self.min} exceeds max {self.max}")
+        return self
+
+
+class InputDecl(BaseModel):
+    """One input tensor: a positive size per static dimension, -1 for the batch (and any dimension
+    free in DEFAULT_DIM_RANGE), or `{name, min, max}` for a named dynamic dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
     datatype: Annotated[str, Field(alias="dtype")]
-    shape: Annotated[list[int], Field(min_length=1, max_length=8)]
+    shape: Annotated[list[int | DimDecl], Field(min_length=1, max_length=8)]
 
     @field_validator("datatype")
     @classmethod
@@ -62,9 +87,9 @@ class InputDecl(BaseModel):
 
     @field_validator("shape")
     @classmethod
-    def _shape(cls, value: list[int]) -> list[int]:
-        if value.count(-1) != 1 or any(d < 1 and d != -1 for d in value):
-            raise ValueError(f"shape {value} must hold positive sizes and exactly one -1 (the batch dimension)")
+    def _shape(cls, value: list[int | DimDecl]) -> list[int | DimDecl]:
+        if any(isinstance(d, int) and d < 1 and d != -1 for d in value):
+            raise ValueError(f"shape {value} must hold positive sizes, -1 or {{name, min, max}}")
         return value
 
 
@@ -80,12 +105,43 @@ class BundleConfig(BaseModel):
     kwargs: Annotated[
         dict[str, bool | int | float | str], Field(description="Constructor arguments of the module class.")
     ] = Field(default_factory=dict)
+    outputs: Annotated[
+        list[Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]],
+        Field(description="Output names, in the order the model returns them (default: the model's, or outputN)."),
+    ] = Field(default_factory=list)
 
-    def batch_dim(self) -> int:
-        dims = {i.shape.index(-1) for i in self.inputs}
-        if len(dims) != 1:
-            raise ArchiveError(f"{CONFIG_NAME}: inputs mark different batch dimensions {sorted(dims)}; use one")
-        return dims.pop()
+    def signature(self, batch: DynamicBatch) -> Signature:
+        """The inputs as declared, dimension `batch.dim` the batch in [batch.min, batch.max]; no outputs yet."""
+        dims: dict[str, DimRange] = {BATCH: DimRange(min=batch.min, max=batch.max)}
+        inputs = []
+        for decl in self.inputs:
+            if len(decl.shape) <= batch.dim or decl.shape[batch.dim] != -1:
+                raise ArchiveError(
+                    f"{CONFIG_NAME}: input {decl.name!r} has shape {_plain(decl.shape)}, but compile.dynamicBatch.dim "
+                    f"is {batch.dim}: mark dimension {batch.dim} -1 (the batch), or change dynamicBatch.dim"
+                )
+            names: list[str | None] = []
+            for index, entry in enumerate(decl.shape):
+                if isinstance(entry, DimDecl):
+                    rng = DimRange(min=entry.min, max=entry.max)
+                    if dims.setdefault(entry.name, rng) != rng or entry.name == BATCH:
+                        raise ArchiveError(
+                            f"{CONFIG_NAME}: dimension {entry.name!r} is declared twice with different ranges "
+                            f"(or is named {BATCH!r}, which dynamicBatch sets): give it one range"
+                        )
+                    names.append(entry.name)
+                elif entry == -1:
+                    names.append(BATCH if index == batch.dim else f"{decl.name}.{index}")
+                    dims.setdefault(names[-1], DEFAULT_DIM_RANGE)
+                else:
+                    names.append(None)
+            shape = [-1 if n else int(e) for e, n in zip(decl.shape, names, strict=True)]  # type: ignore[arg-type]
+            inputs.append(TensorSpec(name=decl.name, datatype=decl.datatype, shape=shape, dims=names))
+        return Signature(inputs=inputs, outputs=[], dims=dims)
+
+
+def _plain(shape: list[int | DimDecl]) -> list[int | str]:
+    return [e if isinstance(e, int) else e.name for e in shape]
 
 
 def parse_config(text: str | None) -> BundleConfig:

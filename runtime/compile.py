@@ -28,7 +28,7 @@ from pydantic import ValidationError as SpecError
 
 from kiln.api import ArchiveFormat, CompileBackend, CompileMode, CompileSpec, DynamicBatch, InductorMode
 from kiln.keys import cache_key, key_inputs
-from kiln.manifest import PACKAGE_NAME, RUNNER_DIR, Engine, Manifest, sha256_file
+from kiln.manifest import BATCH, PACKAGE_NAME, RUNNER_DIR, Engine, Manifest, Signature, sha256_file
 from kiln.runtime import cache
 from kiln.runtime.errors import KilnError
 from kiln.runtime.unpack import Limits
@@ -146,6 +146,21 @@ def validation_batches(bmin: int, bmax: int) -> list[int]:
     return sorted({bmin, min(bmin + 2, bmax), (bmin + bmax) // 2, bmax})
 
 
+def validation_points(signature: Signature) -> list[dict[str, int]]:
+    """Sizes of the dynamic dimensions to compare at: the batch sizes of validation_batches, then the
+    minimum, a middle size and the maximum of every other dimension, one at a time (all at once could
+    need more memory than any request may use)."""
+    lows = {name: rng.min for name, rng in signature.dims.items()}
+    points = []
+    if BATCH in signature.dims:
+        points = [lows | {BATCH: b} for b in validation_batches(signature.dims[BATCH].min, signature.dims[BATCH].max)]
+    for name, rng in signature.dims.items():
+        if name != BATCH:
+            points += [lows | {name: size} for size in sorted({rng.min, (rng.min + rng.max) // 2, rng.max})]
+    unique = {tuple(sorted(p.items())): p for p in points or [lows]}
+    return list(unique.values())
+
+
 def run(args: CompileArgs) -> Manifest:
     """The compile proper; raises KilnError with a one-line reason."""
     start = time.monotonic()
@@ -203,6 +218,7 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         f"read the {args.format.value} archive; batch dimension {batch.dim} dynamic in [{batch.min}, {batch.max}]"
     ):
         source = prepare(fetched.path, args.format, work, batch, args.device, limits)
+        progress(f"dynamic dimensions: {source.signature.describe_dims() or 'none'}")
         reference = source.script or work / "reference.pt2"
         if source.program is not None:
             torch.export.save(source.program, str(reference))
@@ -226,10 +242,11 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
             **built,
         )
         manifest.write(staging)
-        batches = validation_batches(batch.min, batch.max)
-        with step(f"validate in a child process at batch sizes {batches}"):
+        points = validation_points(source.signature)
+        shown = ", ".join(" ".join(f"{k}={v}" for k, v in p.items()) for p in points)
+        with step(f"validate in a child process at {len(points)} sizes ({shown})"):
             validation = validate_in_child(
-                staging, reference, args.device, batches, args.atol, args.rtol, args.validate_timeout
+                staging, reference, args.device, points, args.atol, args.rtol, args.validate_timeout
             )
             progress(
                 f"max abs error {validation.max_abs_error:.3g}, max rel error "
@@ -300,6 +317,7 @@ def summary(manifest: Manifest, cache_dir: Path) -> str:
             "torchVersion": manifest.torch_version,
             "deviceCapability": manifest.device_capability,
             "engine": manifest.engine,
+            "dims": manifest.signature.describe_dims(),
             "note": manifest.note,
         },
         separators=(",", ":"),

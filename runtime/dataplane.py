@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.manifest import Signature, TensorSpec
+from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.device import CudaTransfers, OnTheWay
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
@@ -35,6 +35,12 @@ class BatchSettings:
 
 def describe(spec: TensorSpec) -> str:
     return f"{spec.name} ({spec.datatype} {spec.shape})"
+
+
+def dynamic_note(spec: TensorSpec) -> str:
+    """`(-1: batch, seq)`: what the -1s of an expected shape stand for."""
+    names = [n for n in spec.dim_names() if n]
+    return f" (-1: {', '.join(names)})" if names else ""
 
 
 class DataPlane:
@@ -78,7 +84,7 @@ class DataPlane:
         """Call the model at each batch size once."""
         with torch.inference_mode():
             for rows in sizes:
-                model.fn(example_inputs(model.signature, rows, model.device))
+                model.fn(example_inputs(model.signature, {BATCH: rows}, model.device))
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
 
     def max_rows(self, model: LoadedModel) -> int:
@@ -134,6 +140,8 @@ class DataPlane:
             parameters={
                 "max_batch_size": self.max_rows(self.model),
                 "batch_dim": self.model.batch_dim,
+                "dynamic_dims": {name: rng.model_dump() for name, rng in sig.dims.items()},
+                "input_dims": {s.name: s.dim_names() for s in sig.inputs},
                 "batchable": self.batching.batchable,
                 **self.model.threads,
             },
@@ -154,7 +162,7 @@ class DataPlane:
                 f"inputs must be exactly {', '.join(describe(s) for s in sig.inputs)}; "
                 f"got {[i.name for i in request.inputs]}"
             )
-        tensors, rows = [], set()
+        tensors, seen = [], {}
         for spec in sig.inputs:
             inp = given[spec.name]
             if inp.datatype != spec.datatype:
@@ -162,18 +170,39 @@ class DataPlane:
             if len(inp.shape) != len(spec.shape) or any(
                 e != -1 and g != e for g, e in zip(inp.shape, spec.shape, strict=True)
             ):
-                raise InvalidInput(f"input {spec.name!r} has shape {inp.shape}, expected {spec.shape} (-1: batch)")
-            limit, size = self.max_rows(self.model), inp.shape[self.model.batch_dim]
+                raise InvalidInput(
+                    f"input {spec.name!r} has shape {inp.shape}, expected {spec.shape}{dynamic_note(spec)}"
+                )
+            for index, name in enumerate(spec.dim_names()):
+                if name is not None:
+                    self._check_dim(spec.name, index, name, inp.shape[index], seen)
+            tensors.append(from_rest(inp, binary.get(spec.name)))
+        return tensors, seen.get(BATCH, (1, ""))[0]
+
+    def _check_dim(self, tensor: str, index: int, name: str, size: int, seen: dict[str, tuple[int, str]]) -> None:
+        """One dynamic dimension of a request: inside its range, and equal wherever the name recurs."""
+        assert self.model is not None
+        if name == BATCH:
+            limit = self.max_rows(self.model)
             if not 1 <= size <= limit:
                 raise InvalidInput(
-                    f"input {spec.name!r} has batch size {size}, expected 1..{limit} "
-                    f"(batch dimension {self.model.batch_dim})"
+                    f"input {tensor!r} has batch size {size}, expected 1..{limit} (batch dimension {index})"
                 )
-            tensors.append(from_rest(inp, binary.get(spec.name)))
-            rows.add(size)
-        if len(rows) != 1:
-            raise InvalidInput(f"all inputs must share one batch size, got {sorted(rows)}")
-        return tensors, rows.pop()
+        else:
+            rng = self.model.signature.dims.get(name)
+            if rng is not None and not rng.min <= size <= rng.max:
+                raise InvalidInput(
+                    f"input {tensor!r} dimension {index} ({name}) is {size}, outside its range {rng}: "
+                    f"the model was compiled for {name} in {rng}"
+                )
+        if name in seen and seen[name][0] != size:
+            if name == BATCH:
+                raise InvalidInput(f"all inputs must share one batch size, got {sorted({seen[name][0], size})}")
+            raise InvalidInput(
+                f"input {tensor!r} dimension {index} ({name}) is {size}, but input {seen[name][1]!r} has "
+                f"{seen[name][0]}: inputs that share dimension {name} must agree"
+            )
+        seen.setdefault(name, (size, tensor))
 
     async def infer(
         self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]

@@ -21,10 +21,10 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from kiln.api import ArchiveFormat, DynamicBatch
-from kiln.manifest import Signature, TensorSpec
+from kiln.manifest import BATCH, DimRange, Signature
 from kiln.runtime import bundle
 from kiln.runtime.errors import ArchiveError
-from kiln.runtime.export import export_module, load_exported, signature_of, tensor_spec, with_dynamic_batch
+from kiln.runtime.export import export_module, load_exported, signature_of, tensor_spec, trace_sizes, with_dynamic_dims
 from kiln.runtime.tensors import example_inputs
 from kiln.runtime.unpack import Limits, kind_of, unpack
 
@@ -40,7 +40,7 @@ class Source:
 
 def prepare(archive: Path, fmt: ArchiveFormat, work: Path, batch: DynamicBatch, device: str, limits: Limits) -> Source:
     if fmt == ArchiveFormat.exported_program:
-        program = with_dynamic_batch(load_exported(archive), batch.min, batch.max, device, batch.dim)
+        program = with_dynamic_dims(load_exported(archive), DimRange(min=batch.min, max=batch.max), device, batch.dim)
         return Source(signature_of(program, batch.dim), program=program)
     if fmt == ArchiveFormat.torchscript:
         return _torchscript(archive, work, batch, limits)
@@ -48,23 +48,23 @@ def prepare(archive: Path, fmt: ArchiveFormat, work: Path, batch: DynamicBatch, 
         raise ArchiveError(f"a {fmt.value} archive must be a .tar.gz or .zip, and {archive.name} is neither")
     folder = unpack(archive, work / "unpacked", limits)
     found = bundle.mar_bundle(folder) if fmt == ArchiveFormat.torchserve_mar else bundle.module_bundle(folder)
-    _check_batch_dim(found.config, batch)
-    inputs = _input_specs(found.config)
+    declared = found.config.signature(batch)
     module = load_module(found).to(device)
-    program = export_module(module, inputs, batch.min, batch.max, device, batch.dim)
-    return Source(signature_of(program, batch.dim), program=program)
+    program = export_module(module, declared, device, found.config.outputs)
+    return Source(_with_declared_names(signature_of(program, batch.dim, outputs=found.config.outputs), declared),
+                  program=program)
 
 
-def _input_specs(config: bundle.BundleConfig) -> list[TensorSpec]:
-    return [TensorSpec(name=i.name, datatype=i.datatype, shape=i.shape) for i in config.inputs]
-
-
-def _check_batch_dim(config: bundle.BundleConfig, batch: DynamicBatch) -> None:
-    if config.batch_dim() != batch.dim:
-        raise ArchiveError(
-            f"{bundle.CONFIG_NAME} marks dimension {config.batch_dim()} as the batch (-1), "
-            f"but compile.dynamicBatch.dim is {batch.dim}: make them agree"
-        )
+def _with_declared_names(exported: Signature, declared: Signature) -> Signature:
+    """The exported signature with kiln.yaml's dimension names and ranges (export numbers its own)."""
+    renamed = {}
+    for got, want in zip(exported.inputs, declared.inputs, strict=True):
+        for old, new in zip(got.dim_names(), want.dim_names(), strict=True):
+            if old is not None and new is not None:
+                renamed[old] = new
+    for spec in [*exported.inputs, *exported.outputs]:
+        spec.dims = [renamed.get(n, n) if n else None for n in spec.dim_names()]
+    return exported.model_copy(update={"dims": {n: r for n, r in declared.dims.items() if n in renamed.values()}})
 
 
 def _import(path: Path) -> object:
@@ -159,14 +159,21 @@ def _torchscript(archive: Path, work: Path, batch: DynamicBatch, limits: Limits)
             f"not a TorchScript file written by torch.jit.save: {exc.__class__.__name__}: {exc}"
         ) from exc
     config = found.config or bundle.parse_config(extra[bundle.CONFIG_NAME])
-    _check_batch_dim(config, batch)
-    inputs = _input_specs(config)
+    declared = config.signature(batch)
     with torch.inference_mode():
-        probe = example_inputs(Signature(inputs=inputs, outputs=[]), min(max(2, batch.min), batch.max), "cpu")
+        probe = example_inputs(declared, trace_sizes(declared.dims), "cpu")
         try:
             out = script(*probe)
         except Exception as exc:
             raise ArchiveError(f"the TorchScript module fails on inputs shaped as kiln.yaml says: {exc}") from exc
-    leaves = list(out) if isinstance(out, (tuple, list)) else [out]
-    outputs = [tensor_spec(f"output{i}", v, batch.dim) for i, v in enumerate(leaves)]
-    return Source(Signature(inputs=inputs, outputs=outputs), script=found.script)
+    names = list(out) if isinstance(out, dict) else []
+    leaves = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else [out]
+    names = config.outputs or names or [f"output{i}" for i in range(len(leaves))]
+    if len(names) != len(leaves):
+        raise ArchiveError(f"{bundle.CONFIG_NAME} names {len(names)} outputs, the module returns {len(leaves)}")
+    # The batch is the one output dimension known to follow the inputs; TorchScript records no more.
+    outputs = [
+        tensor_spec(n, v, [BATCH if i == batch.dim else None for i in range(v.dim())])
+        for n, v in zip(names, leaves, strict=True)
+    ]
+    return Source(declared.model_copy(update={"outputs": outputs}), script=found.script)

@@ -119,7 +119,7 @@ def load_artifact(folder: Path, device: str, threads: int = 0, jit: JitArgs | No
         verify_files(folder, {manifest.package_file: manifest.package_sha256, **manifest.files})
         package = folder / manifest.package_file
         if manifest.engine == "exported-program":
-            return load_program(package, device, jit, manifest.batch_max, manifest.batch_dim)
+            return load_program(package, device, jit, manifest.batch_max, manifest.batch_dim, manifest.signature)
         if manifest.engine == "openvino":
             from kiln.runtime import openvino_ir
 
@@ -152,14 +152,24 @@ def _load_aotinductor(folder: Path, manifest: Manifest, device: str) -> tuple[Mo
     return _package(folder / PACKAGE_NAME), "package"
 
 
-def load_program(path: Path, device: str, jit: JitArgs | None, batch_max: int, batch_dim: int = 0) -> LoadedModel:
-    """eager (jit None): the ExportedProgram's module as is; jit: the same under torch.compile."""
+def load_program(
+    path: Path,
+    device: str,
+    jit: JitArgs | None,
+    batch_max: int,
+    batch_dim: int = 0,
+    signature: Signature | None = None,
+) -> LoadedModel:
+    """eager (jit None): the ExportedProgram's module as is; jit: the same under torch.compile.
+
+    `signature`: the one kiln-compile recorded (its dimension names come from kiln.yaml)."""
     # torch.export pulls in dynamo and sympy: imported here, so the aot path never pays for it.
-    from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, to_device, with_dynamic_batch
+    from kiln.manifest import DimRange
+    from kiln.runtime.export import has_dynamic_batch, load_exported, signature_of, to_device, with_dynamic_dims
 
     program, device = to_device(load_exported(path), device)
     if not has_dynamic_batch(program, batch_dim):
-        program = with_dynamic_batch(program, 1, batch_max, device, batch_dim)
+        program = with_dynamic_dims(program, DimRange(min=1, max=batch_max), device, batch_dim)
     module = program.module()
     call: Callable[..., object] = module
     if jit is not None and not jit.disable:
@@ -175,4 +185,5 @@ def load_program(path: Path, device: str, jit: JitArgs | None, batch_max: int, b
         return list(tree_leaves(call(*inputs)))
 
     loader = "eager" if jit is None or jit.disable else ("jit" if jit.backend == "inductor" else f"jit-{jit.backend}")
-    return LoadedModel(run, signature_of(program, batch_dim), batch_max, loader, device, batch_dim)
+    signature = signature or signature_of(program, batch_dim, DimRange(min=1, max=batch_max))
+    return LoadedModel(run, signature, batch_max, loader, device, batch_dim)

@@ -3,7 +3,8 @@
 Compile path. A library that crashes on load (see shared/notes/gpu-findings.md:
 a segfault inside std::regex) kills only the child, and the compile fails with a
 clear reason instead of shipping an artifact that crash-loops every replica.
-Run as `python -m kiln.runtime.validate ARTIFACT PROGRAM DEVICE BATCHES ATOL RTOL`.
+Run as `python -m kiln.runtime.validate ARTIFACT PROGRAM DEVICE POINTS ATOL RTOL`, POINTS a JSON
+list of {dimension: size} (the sizes of the dynamic dimensions at each compared call).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kiln.runtime.errors import ValidationError
 
 
 def validate_in_child(
-    artifact: Path, program: Path, device: str, batches: list[int], atol: float, rtol: float, timeout: float
+    artifact: Path, program: Path, device: str, points: list[dict[str, int]], atol: float, rtol: float, timeout: float
 ) -> Validation:
     cmd = [
         sys.executable,
@@ -29,7 +30,7 @@ def validate_in_child(
         str(artifact),
         str(program),
         device,
-        ",".join(map(str, batches)),
+        json.dumps(points),
         str(atol),
         str(rtol),
     ]
@@ -57,10 +58,11 @@ def _child(argv: list[str]) -> int:
 
     from kiln.runtime.export import load_exported
     from kiln.runtime.loader import load_artifact
+    from kiln.manifest import BATCH
     from kiln.runtime.tensors import example_inputs
 
-    artifact, program_path, device, batches_arg, atol_arg, rtol_arg = argv
-    batches = [int(b) for b in batches_arg.split(",")]
+    artifact, program_path, device, points_arg, atol_arg, rtol_arg = argv
+    points: list[dict[str, int]] = json.loads(points_arg)
     atol, rtol = float(atol_arg), float(rtol_arg)
     model = load_artifact(Path(artifact), device)
     if model.loader == "torchscript":  # the reference is the TorchScript file itself: this checks load and shapes
@@ -69,15 +71,16 @@ def _child(argv: list[str]) -> int:
         reference = load_exported(Path(program_path)).module()
     max_abs = max_rel = 0.0
     with torch.inference_mode():
-        for batch in batches:
-            inputs = example_inputs(model.signature, batch, device, seed=batch)
+        for seed, sizes in enumerate(points):
+            at = " ".join(f"{k}={v}" for k, v in sizes.items())
+            inputs = example_inputs(model.signature, sizes, device, seed=seed)
             got = model.fn(inputs)
             want = list(torch.utils._pytree.tree_leaves(reference(*inputs)))
             if len(got) != len(want):
                 return _report(error=f"artifact returned {len(got)} outputs, the program {len(want)}")
             for g, w in zip(got, want, strict=True):
                 if g.shape != w.shape:
-                    return _report(error=f"batch {batch}: output shape {list(g.shape)} != expected {list(w.shape)}")
+                    return _report(error=f"at {at}: output shape {list(g.shape)} != expected {list(w.shape)}")
                 diff = (g.double() - w.double()).abs()
                 error = float(diff.max()) if diff.numel() else 0.0
                 # Tolerance scales with the output's magnitude: GPU kernels (cuDNN vs Triton) and
@@ -87,10 +90,11 @@ def _child(argv: list[str]) -> int:
                 max_rel = max(max_rel, error / scale if scale else 0.0)
                 if error > atol + rtol * scale:
                     return _report(
-                        error=f"batch {batch}: compiled output differs from the program "
+                        error=f"at {at}: compiled output differs from the program "
                         f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} * max |output| {scale:.3g})"
                     )
-    validation = Validation(batch_sizes=batches, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
+    batches = sorted({p[BATCH] for p in points if BATCH in p})
+    validation = Validation(batch_sizes=batches, points=points, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
     return _report(validation=validation.model_dump())
 
 
