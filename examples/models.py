@@ -129,7 +129,10 @@ SEQ = {"name": "seq", "min": 2, "max": TinyEncoder.MAX_LEN}
 INPUTS = {
     "mlp": [{"name": "x", "dtype": "float32", "shape": [-1, 16]}, {"name": "y", "dtype": "float32", "shape": [-1, 4]}],
     "conv": [{"name": "image", "dtype": "float32", "shape": [-1, 3, 16, 16]}],
-    "encoder": [{"name": "ids", "dtype": "int64", "shape": [-1, SEQ]}, {"name": "mask", "dtype": "int64", "shape": [-1, SEQ]}],
+    "encoder": [
+        {"name": "ids", "dtype": "int64", "shape": [-1, dict(SEQ)]},
+        {"name": "mask", "dtype": "int64", "shape": [-1, dict(SEQ)]},
+    ],
 }
 OUTPUTS = {"encoder": ["pooled", "hidden"]}
 CLASSES = BUILDERS

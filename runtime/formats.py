@@ -51,8 +51,9 @@ def prepare(archive: Path, fmt: ArchiveFormat, work: Path, batch: DynamicBatch, 
     declared = found.config.signature(batch)
     module = load_module(found).to(device)
     program = export_module(module, declared, device, found.config.outputs)
-    return Source(_with_declared_names(signature_of(program, batch.dim, outputs=found.config.outputs), declared),
-                  program=program)
+    return Source(
+        _with_declared_names(signature_of(program, batch.dim, outputs=found.config.outputs), declared), program=program
+    )
 
 
 def _with_declared_names(exported: Signature, declared: Signature) -> Signature:

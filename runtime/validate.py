@@ -56,9 +56,9 @@ def validate_in_child(
 def _child(argv: list[str]) -> int:
     import torch
 
+    from kiln.manifest import BATCH
     from kiln.runtime.export import load_exported
     from kiln.runtime.loader import load_artifact
-    from kiln.manifest import BATCH
     from kiln.runtime.tensors import example_inputs
 
     artifact, program_path, device, points_arg, atol_arg, rtol_arg = argv
@@ -94,7 +94,9 @@ def _child(argv: list[str]) -> int:
                         f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} * max |output| {scale:.3g})"
                     )
     batches = sorted({p[BATCH] for p in points if BATCH in p})
-    validation = Validation(batch_sizes=batches, points=points, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader)
+    validation = Validation(
+        batch_sizes=batches, points=points, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader
+    )
     return _report(validation=validation.model_dump())
 
 
