@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from kiln.runtime.tensors import BY_TORCH, DATATYPES
+from kiln.runtime.tensors import DATATYPES
 
-NP_BY_NAME = {name: np_dtype for name, (_, np_dtype) in DATATYPES.items()}
+NP_BY_NAME = dict(DATATYPES)
 
 
 def encode(names: list[str], arrays: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
@@ -27,9 +27,7 @@ def encode(names: list[str], arrays: list[np.ndarray]) -> tuple[bytes, dict[str,
 
 
 def _datatype(a: np.ndarray) -> str:
-    import torch
-
-    return BY_TORCH[torch.from_numpy(a[:0].copy()).dtype]
+    return next(name for name, dtype in DATATYPES.items() if dtype == a.dtype and name != "BF16")
 
 
 def decode(body: bytes, header_length: str | None) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -24,47 +25,47 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from kiln.runtime.errors import Overloaded
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[Sequence[torch.Tensor]], Any]  # the results, or something `finish` turns into them
-FinishFn = Callable[[Any], list[torch.Tensor]]
+RunFn = Callable[[Any], Any]  # merged inputs → the results, or something `finish` turns into them
+FinishFn = Callable[[Any], list[np.ndarray]]
 # Called once per model call with (batch rows, request count, seconds the first waited).
 ObserveFn = Callable[[int, int, float], None]
 
 
-MergeFn = Callable[[list[list[torch.Tensor]], int], list[torch.Tensor]]
+MergeFn = Callable[[list[list[np.ndarray]], int], Any]
 
 
-def concat(requests: list[list[torch.Tensor]], dim: int = 0) -> list[torch.Tensor]:
+def concat(requests: list[list[np.ndarray]], dim: int = 0) -> list[np.ndarray]:
     """Each input of several requests, concatenated along the batch dimension."""
     if len(requests) == 1:
         return requests[0]
-    return [torch.cat(parts, dim) for parts in zip(*requests, strict=True)]
+    return [np.concatenate(parts, dim) for parts in zip(*requests, strict=True)]
 
 
 Group = tuple[tuple[int, ...], ...]  # every input's shape without the batch dimension
 
 
-def group_of(inputs: Sequence[torch.Tensor], dim: int) -> Group:
+def group_of(inputs: Sequence[np.ndarray], dim: int) -> Group:
     """Requests of one group can be concatenated along `dim`."""
     return tuple(tuple(s for i, s in enumerate(t.shape) if i != dim) for t in inputs)
 
 
 @dataclass
 class _Pending:
-    inputs: list[torch.Tensor]
+    inputs: list[np.ndarray]
     rows: int
-    future: asyncio.Future[list[torch.Tensor]]
+    future: asyncio.Future[list[np.ndarray]]
     group: Group = ()
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 _STOP = object()
-Outcome = list[list[torch.Tensor]] | BaseException  # each request's results, or what went wrong
+Outcome = list[list[np.ndarray]] | BaseException  # each request's results, or what went wrong
 
 
 class Batcher:
@@ -124,7 +125,7 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize() + len(self._held)
 
-    async def submit(self, inputs: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    async def submit(self, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
         group = group_of(inputs, self._dim) if self._batchable else ()
         pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), group)
         try:
@@ -195,8 +196,7 @@ class Batcher:
             if self._observe:
                 self._observe(sum(p.rows for p in batch), len(batch), time.perf_counter() - batch[0].enqueued)
             try:
-                with torch.inference_mode():
-                    launched: Any = self._run(self._merge([p.inputs for p in batch], self._dim))
+                launched: Any = self._run(self._merge([p.inputs for p in batch], self._dim))
             except Exception as exc:
                 launched = exc
             if self._finish is None:
@@ -222,11 +222,11 @@ class Batcher:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
             self._loop.call_soon_threadsafe(_resolve, batch, outcome)
 
-    def _split(self, batch: list[_Pending], results: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    def _split(self, batch: list[_Pending], results: list[np.ndarray]) -> list[list[np.ndarray]]:
         if len(batch) == 1:
             return [results]
-        sizes = [p.rows for p in batch]
-        split = [torch.split(r, sizes, self._dim) for r in results]
+        ends = list(itertools.accumulate(p.rows for p in batch))[:-1]
+        split = [np.split(r, ends, self._dim) for r in results]
         return [[s[i] for s in split] for i in range(len(batch))]
 
 

@@ -207,7 +207,7 @@ def _compile(args: CompileArgs, work: Path, start: float) -> Manifest:
         import torch
 
         from kiln.runtime.formats import prepare
-        from kiln.runtime.loader import device_capability
+        from kiln.runtime.torch_loaders import device_capability
         from kiln.runtime.validate import validate_in_child
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KilnError("--device cuda but no CUDA device is visible to this process")

@@ -7,20 +7,20 @@ raises domain errors (InvalidInput, NotReady, ...) that the server maps to codes
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
-from kiln.runtime.device import CudaTransfers, OnTheWay
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
-from kiln.runtime.loader import LoadedModel
+from kiln.runtime.loader import LEAN, LoadedModel
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
-from kiln.runtime.tensors import example_inputs, from_rest, to_rest
+from kiln.runtime.tensors import example_arrays, from_rest, to_rest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class DataPlane:
         start = time.perf_counter()
         model = loader()
         self.metrics.load_seconds.labels(self.name, model.loader).set(time.perf_counter() - start)
-        log.info("loaded %s with %s in %.2f s", self.name, model.loader, time.perf_counter() - start)
+        self.metrics.loader.labels(self.name, model.loader, model.fallback or "").set(1)
+        log.info("loaded %s with the %s loader in %.2f s", self.name, model.loader, time.perf_counter() - start)
         start = time.perf_counter()
         self.warm_up(model, self.warm_sizes(model)[0])
         self.metrics.warmup_seconds.labels(self.name).set(time.perf_counter() - start)
@@ -76,15 +77,14 @@ class DataPlane:
         what any call costs, and warming batch 32 of BERT there would only hold the first requests
         up for seconds. jit compiles per size: all sizes before ready."""
         sizes = sorted({1, min(2, self.max_rows(model)), self.max_rows(model)})
-        if model.loader not in ("runner", "package"):
+        if model.loader not in (LEAN, "runner", "package"):
             return sizes, []
         return sizes[:1], sizes[1:] if model.device != "cpu" else []
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
         """Call the model at each batch size once."""
-        with torch.inference_mode():
-            for rows in sizes:
-                model.fn(example_inputs(model.signature, {BATCH: rows}, model.device))
+        for rows in sizes:
+            model.fn(example_arrays(model.signature, {BATCH: rows}))
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
 
     def max_rows(self, model: LoadedModel) -> int:
@@ -98,9 +98,8 @@ class DataPlane:
         merge: MergeFn | None = None
         finish: FinishFn | None = None
         later = self.warm_sizes(model)[1]
-        if model.device != "cpu":  # copies overlap the model's work; another thread waits for results
-            gpu = CudaTransfers(model.device)
-            run, merge, finish = (lambda inputs: gpu.launch(model.fn, inputs)), gpu.upload, OnTheWay.wait
+        if model.pipeline is not None:  # copies overlap the model's work; another thread waits for results
+            run, merge, finish = model.pipeline.launch, model.pipeline.upload, model.pipeline.finish
         self.batcher = Batcher(
             run,
             self.max_rows(model),
@@ -143,13 +142,16 @@ class DataPlane:
                 "dynamic_dims": {name: rng.model_dump() for name, rng in sig.dims.items()},
                 "input_dims": {s.name: s.dim_names() for s in sig.inputs},
                 "batchable": self.batching.batchable,
+                "loader": self.model.loader,
+                **({"loader_fallback": self.model.fallback} if self.model.fallback else {}),
+                "torch_imported": "torch" in sys.modules,
                 **self.model.threads,
             },
         )
 
     def decode(
         self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
-    ) -> tuple[list[torch.Tensor], int]:
+    ) -> tuple[list[np.ndarray], int]:
         """Request tensors in signature order, and the batch size they share."""
         sig = self.signature
         assert self.model is not None
@@ -217,8 +219,9 @@ class DataPlane:
             self.active -= 1
         return self.encode(request, outputs)
 
-    def encode(self, request: InferenceRequest, outputs: list[torch.Tensor]) -> tuple[InferenceResponse, list[bytes]]:
-        names = [s.name for s in self.signature.outputs]
+    def encode(self, request: InferenceRequest, outputs: list[np.ndarray]) -> tuple[InferenceResponse, list[bytes]]:
+        specs = self.signature.outputs
+        names = [s.name for s in specs]
         all_binary = bool((request.parameters or {}).get("binary_data_output", False))
         wanted = {o.name: bool((o.parameters or {}).get("binary_data", all_binary)) for o in request.outputs or []}
         unknown = sorted(set(wanted) - set(names))
@@ -226,10 +229,10 @@ class DataPlane:
             raise InvalidInput(f"unknown output(s) {unknown}; outputs are {names}")
         selected = wanted or dict.fromkeys(names, all_binary)
         response_outputs, chunks = [], []
-        for name, tensor in zip(names, outputs, strict=True):
-            if name not in selected:
+        for spec, array in zip(specs, outputs, strict=True):
+            if spec.name not in selected:
                 continue
-            out, raw = to_rest(name, tensor, selected[name])
+            out, raw = to_rest(spec.name, spec.datatype, array, selected[spec.name])
             response_outputs.append(out)
             if raw is not None:
                 chunks.append(raw)

@@ -1,6 +1,7 @@
-"""Host↔GPU transfers for the model thread, overlapped with the model's own work.
+"""Host↔GPU transfers for torch's loaders on a GPU, overlapped with the model's own work.
 
-Runtime dataplane layer (torch, no HTTP). Inputs go up on a copy stream of their own, so
+Runtime dataplane layer (torch, no HTTP); the lean loader does the same with CUDA's
+runtime (kiln.runtime.aoti_shim.LeanCuda). Inputs go up on a copy stream of their own, so
 the next batch's copies run while the GPU still computes the previous one; results come
 down into pinned host memory right behind the model's kernels, and only the thread that
 answers waits for them (docs/benchmarks.md §2: the GPU idled while one thread copied,
@@ -9,14 +10,13 @@ computed and waited in turn).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from kiln.runtime.batching import concat
-
-ModelFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+from kiln.manifest import Signature
+from kiln.runtime.torch_arrays import TensorFn, to_numpy, to_torch
 
 
 @dataclass
@@ -26,34 +26,45 @@ class OnTheWay:
     outputs: list[torch.Tensor]
     copied: torch.cuda.Event
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self) -> list[np.ndarray]:
         self.copied.synchronize()  # releases the GIL while the GPU finishes
-        return self.outputs
+        return [to_numpy(o) for o in self.outputs]
 
 
 class CudaTransfers:
-    """The copy stream and the two halves of a model call on a CUDA device."""
+    """The copy stream and the steps of a model call on a CUDA device (kiln.runtime.loader.Pipeline)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, fn: TensorFn, signature: Signature) -> None:
         self.device = torch.device(device)
+        self.fn = fn
+        self.datatypes = [s.datatype for s in signature.inputs]
         self.copies = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
 
-    def upload(self, requests: list[list[torch.Tensor]], dim: int) -> list[torch.Tensor]:
+    def upload(self, requests: list[list[np.ndarray]], dim: int) -> list[torch.Tensor]:
         """Each request's inputs copied up on the copy stream, joined on the GPU along `dim`.
 
         Joining on the host was the model thread's biggest cost once (64 inputs of 602 KB)."""
         with torch.cuda.stream(self.copies):
-            parts = [[t.to(self.device, non_blocking=True) for t in inputs] for inputs in requests]
+            parts = [
+                [to_torch(a, d).to(self.device, non_blocking=True) for a, d in zip(inputs, self.datatypes, strict=True)]
+                for inputs in requests
+            ]
         compute = torch.cuda.current_stream(self.device)
         compute.wait_stream(self.copies)
         for inputs in parts:
             for t in inputs:
                 t.record_stream(compute)  # memory allocated on the copy stream, read on this one
-        return concat(parts, dim)
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat(joined, dim) for joined in zip(*parts, strict=True)]
 
-    def launch(self, fn: ModelFn, inputs: Sequence[torch.Tensor]) -> OnTheWay:
+    def launch(self, inputs: list[torch.Tensor]) -> OnTheWay:
         """Queue the model call and the copy of its results to pinned host memory; wait for neither."""
-        outputs = [o.to("cpu", non_blocking=True) for o in fn(inputs)]
+        with torch.inference_mode():
+            outputs = [o.to("cpu", non_blocking=True) for o in self.fn(inputs)]
         copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         copied.record(torch.cuda.current_stream(self.device))
         return OnTheWay(outputs, copied)
+
+    def finish(self, launched: OnTheWay) -> list[np.ndarray]:
+        return launched.wait()

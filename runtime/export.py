@@ -20,7 +20,7 @@ from torch.export import Dim, ExportedProgram
 
 from kiln.manifest import BATCH, DimRange, Signature, TensorSpec
 from kiln.runtime.errors import ArchiveError, ExportError
-from kiln.runtime.tensors import datatype_of, example_inputs
+from kiln.runtime.torch_arrays import datatype_of, example_inputs
 
 log = logging.getLogger(__name__)
 

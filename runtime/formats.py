@@ -25,7 +25,7 @@ from kiln.manifest import BATCH, DimRange, Signature
 from kiln.runtime import bundle
 from kiln.runtime.errors import ArchiveError
 from kiln.runtime.export import export_module, load_exported, signature_of, tensor_spec, trace_sizes, with_dynamic_dims
-from kiln.runtime.tensors import example_inputs
+from kiln.runtime.torch_arrays import example_inputs
 from kiln.runtime.unpack import Limits, kind_of, unpack
 
 

@@ -52,6 +52,12 @@ class Metrics:
             ["model", "loader"],
             registry=self.registry,
         )
+        self.loader = Gauge(
+            "kiln_model_loader",
+            "1 for the loader the model runs on (lean: no torch import) and why the lean one was not used.",
+            ["model", "loader", "fallback"],
+            registry=self.registry,
+        )
         self.warmup_seconds = Gauge(
             "kiln_model_warmup_seconds", "Seconds of warm-up inference.", ["model"], registry=self.registry
         )

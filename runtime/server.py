@@ -130,31 +130,28 @@ def jit_args(settings: ServeSettings) -> JitArgs | None:
 
 
 def model_loader(settings: ServeSettings) -> LoadedModel:
-    """Load the model the settings name (runs in a worker thread)."""
-    import torch
-
+    """Load the model the settings name (runs in a worker thread); torch is imported only if the loader needs it."""
     from kiln.runtime import loader
 
     threads = settings.intra_op_threads or cpu_limit()
-    torch.set_num_threads(threads)
-    if settings.inter_op_threads:
-        torch.set_num_interop_threads(settings.inter_op_threads)
-    pools = {"intra_op_threads": threads, "inter_op_threads": torch.get_num_interop_threads()}
     if settings.artifact:
-        model = loader.load_artifact(Path(settings.artifact), settings.device, threads, jit_args(settings))
-    else:
-        from kiln.runtime.fetch import fetch
+        return loader.load_artifact(
+            Path(settings.artifact), settings.device, threads, jit_args(settings), settings.inter_op_threads
+        )
+    from kiln.runtime import torch_loaders
+    from kiln.runtime.fetch import fetch
 
-        fetched = fetch(
-            settings.archive,
-            Path("/tmp/kiln-serve-archive.pt2"),
-            sha256=settings.archive_sha256 or None,
-            max_bytes=8 << 30,
-            pvc_root=Path(settings.pvc_root),
-        )
-        model = loader.load_program(
-            fetched.path, settings.device, jit_args(settings), settings.max_batch_size, settings.batch_dim
-        )
+    pools = torch_loaders.set_threads(threads, settings.inter_op_threads)
+    fetched = fetch(
+        settings.archive,
+        Path("/tmp/kiln-serve-archive.pt2"),
+        sha256=settings.archive_sha256 or None,
+        max_bytes=8 << 30,
+        pvc_root=Path(settings.pvc_root),
+    )
+    model = torch_loaders.load_program(
+        fetched.path, settings.device, jit_args(settings), settings.max_batch_size, settings.batch_dim
+    )
     model.threads = pools
     return model
 

@@ -1,6 +1,9 @@
-"""Tensors on the wire: Open Inference Protocol datatypes, JSON data and binary data.
+"""Tensors on the wire: Open Inference Protocol datatypes, JSON data and binary data, as numpy arrays.
 
-Runtime layer 2 (after protocol): converts between wire tensors and torch tensors.
+Runtime layer 2 (after protocol), no torch: the serve path holds host data in numpy
+arrays, so a replica that calls its compiled library through the C shim never imports
+torch's Python package (kiln.runtime.torch_arrays converts for the loaders that do).
+BF16 arrays hold the bit patterns as uint16; the signature says which are BF16.
 """
 
 from __future__ import annotations
@@ -8,44 +11,35 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 from kiln.manifest import Signature
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.protocol import RequestInput, ResponseOutput
 
-# v2 datatype → (torch dtype, numpy dtype used for bytes on the wire).
-DATATYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    "BOOL": (torch.bool, np.dtype(np.bool_)),
-    "UINT8": (torch.uint8, np.dtype(np.uint8)),
-    "INT8": (torch.int8, np.dtype(np.int8)),
-    "INT16": (torch.int16, np.dtype(np.int16)),
-    "INT32": (torch.int32, np.dtype(np.int32)),
-    "INT64": (torch.int64, np.dtype(np.int64)),
-    "FP16": (torch.float16, np.dtype(np.float16)),
-    "BF16": (torch.bfloat16, np.dtype(np.uint16)),  # numpy has no bfloat16: its raw bits
-    "FP32": (torch.float32, np.dtype(np.float32)),
-    "FP64": (torch.float64, np.dtype(np.float64)),
+# v2 datatype → numpy dtype of its bytes on the wire (numpy has no bfloat16: its raw bits).
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
 }
-BY_TORCH: dict[torch.dtype, str] = {t: name for name, (t, _) in DATATYPES.items()}
 # Binary tensors this well aligned in a writable body buffer are used where they lie (no copy).
 ALIGNMENT = 64
 
 
-def datatype_of(dtype: torch.dtype) -> str:
-    try:
-        return BY_TORCH[dtype]
-    except KeyError as exc:
-        raise ValueError(f"dtype {dtype} has no Open Inference Protocol datatype") from exc
-
-
-def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Tensor:
-    """A request tensor as torch, from JSON `data` or from its binary slice."""
+def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> np.ndarray:
+    """A request tensor as a numpy array, from JSON `data` or from its binary slice."""
     if inp.datatype not in DATATYPES:
         raise InvalidInput(
             f"input {inp.name!r}: unknown datatype {inp.datatype!r}; expected one of {sorted(DATATYPES)}"
         )
-    _, np_dtype = DATATYPES[inp.datatype]
+    np_dtype = DATATYPES[inp.datatype]
     count = int(np.prod(inp.shape)) if inp.shape else 1
     if binary is not None:
         if len(binary) != count * np_dtype.itemsize:
@@ -65,12 +59,11 @@ def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> torch.Ten
             raise InvalidInput(f"input {inp.name!r}: {array.size} values for shape {inp.shape}, expected {count}")
     if not array.flags.writeable or array.ctypes.data % ALIGNMENT:
         array = array.copy()  # read-only bytes, or a start that kernels' vector loads may not like
-    tensor = torch.from_numpy(array.reshape(inp.shape))
-    return tensor.view(torch.bfloat16) if inp.datatype == "BF16" else tensor
+    return array.reshape(inp.shape)
 
 
 def bf16_bits(data: object) -> np.ndarray:
-    """JSON numbers as bfloat16 bit patterns, rounded to nearest even as torch rounds."""
+    """Numbers as bfloat16 bit patterns, rounded to nearest even as torch rounds."""
     bits = np.asarray(data, dtype=np.float32).view(np.uint32)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return np.where(np.isnan(bits.view(np.float32)), 0x7FC0, rounded).astype(np.uint16)
@@ -78,14 +71,13 @@ def bf16_bits(data: object) -> np.ndarray:
 
 def bf16_values(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns as float32 values (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
-def to_rest(name: str, tensor: torch.Tensor, binary: bool) -> tuple[ResponseOutput, bytes | None]:
-    """A result tensor as a wire output, with its raw bytes when binary is asked for."""
-    tensor = tensor.detach().cpu().contiguous()
-    datatype = datatype_of(tensor.dtype)
-    array = tensor.view(torch.int16).numpy().view(np.uint16) if datatype == "BF16" else tensor.numpy()
+def to_rest(name: str, datatype: str, array: np.ndarray, binary: bool) -> tuple[ResponseOutput, bytes | None]:
+    """A result array (of the signature's `datatype`: BF16 arrays hold bits) as a wire output, with its raw
+    bytes when binary is asked for."""
+    array = np.ascontiguousarray(array)
     if binary:
         raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         out = ResponseOutput(
@@ -96,18 +88,19 @@ def to_rest(name: str, tensor: torch.Tensor, binary: bool) -> tuple[ResponseOutp
     return ResponseOutput(name=name, datatype=datatype, shape=list(array.shape), data=values.reshape(-1).tolist()), None
 
 
-def example_inputs(signature: Signature, sizes: Mapping[str, int], device: str, seed: int = 0) -> list[torch.Tensor]:
+def example_arrays(signature: Signature, sizes: Mapping[str, int], seed: int = 0) -> list[np.ndarray]:
     """Random inputs matching the signature, each dynamic dimension at its size in `sizes` (else its minimum)."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     out = []
     for spec in signature.inputs:
         shape = signature.shape_at(spec, sizes)
-        dtype = DATATYPES[spec.datatype][0]
-        if dtype.is_floating_point:
-            t = torch.randn(shape, generator=gen).to(dtype)
-        elif dtype == torch.bool:
-            t = torch.randint(0, 2, shape, generator=gen).bool()
+        if spec.datatype in ("FP16", "FP32", "FP64"):
+            array = rng.standard_normal(shape, dtype=np.float32).astype(DATATYPES[spec.datatype])
+        elif spec.datatype == "BF16":
+            array = bf16_bits(rng.standard_normal(shape, dtype=np.float32))
+        elif spec.datatype == "BOOL":
+            array = rng.integers(0, 2, shape).astype(np.bool_)
         else:
-            t = torch.randint(0, 100, shape, generator=gen).to(dtype)
-        out.append(t.to(device))
+            array = rng.integers(0, 100, shape).astype(DATATYPES[spec.datatype])
+        out.append(array)
     return out

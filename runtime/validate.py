@@ -54,45 +54,56 @@ def validate_in_child(
 
 
 def _child(argv: list[str]) -> int:
-    import torch
-
     from kiln.manifest import BATCH
-    from kiln.runtime.export import load_exported
     from kiln.runtime.loader import load_artifact
-    from kiln.runtime.tensors import example_inputs
 
     artifact, program_path, device, points_arg, atol_arg, rtol_arg = argv
     points: list[dict[str, int]] = json.loads(points_arg)
     atol, rtol = float(atol_arg), float(rtol_arg)
-    model = load_artifact(Path(artifact), device)
+    model = load_artifact(Path(artifact), device)  # first, as in a pod: the lean loader imports no torch
+    if model.loader == "lean" and "torch" in sys.modules:
+        return _report(error="the lean loader imported torch's Python package")
+    import numpy as np
+    import torch
+
+    from kiln.runtime.export import load_exported
+    from kiln.runtime.tensors import bf16_values, example_arrays
+    from kiln.runtime.torch_arrays import to_numpy, to_torch
+
     if model.loader == "torchscript":  # the reference is the TorchScript file itself: this checks load and shapes
         reference = torch.jit.load(program_path, map_location=device)
     else:
         reference = load_exported(Path(program_path)).module()
+
+    def values(array: np.ndarray, datatype: str) -> np.ndarray:
+        return (bf16_values(array) if datatype == "BF16" else array).astype(np.float64)
+
     max_abs = max_rel = 0.0
-    with torch.inference_mode():
-        for seed, sizes in enumerate(points):
-            at = " ".join(f"{k}={v}" for k, v in sizes.items())
-            inputs = example_inputs(model.signature, sizes, device, seed=seed)
-            got = model.fn(inputs)
-            want = list(torch.utils._pytree.tree_leaves(reference(*inputs)))
-            if len(got) != len(want):
-                return _report(error=f"artifact returned {len(got)} outputs, the program {len(want)}")
-            for g, w in zip(got, want, strict=True):
-                if g.shape != w.shape:
-                    return _report(error=f"at {at}: output shape {list(g.shape)} != expected {list(w.shape)}")
-                diff = (g.double() - w.double()).abs()
-                error = float(diff.max()) if diff.numel() else 0.0
-                # Tolerance scales with the output's magnitude: GPU kernels (cuDNN vs Triton) and
-                # reduction orders differ by a small fraction of the largest value, not of each value.
-                scale = float(w.double().abs().max()) if w.numel() else 0.0
-                max_abs = max(max_abs, error)
-                max_rel = max(max_rel, error / scale if scale else 0.0)
-                if error > atol + rtol * scale:
-                    return _report(
-                        error=f"at {at}: compiled output differs from the program "
-                        f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} * max |output| {scale:.3g})"
-                    )
+    out_types = [s.datatype for s in model.signature.outputs]
+    for seed, sizes in enumerate(points):
+        at = " ".join(f"{k}={v}" for k, v in sizes.items())
+        arrays = example_arrays(model.signature, sizes, seed=seed)
+        got = model.fn(arrays)
+        with torch.inference_mode():
+            inputs = [to_torch(a, s.datatype).to(device) for a, s in zip(arrays, model.signature.inputs, strict=True)]
+            want = [to_numpy(w) for w in torch.utils._pytree.tree_leaves(reference(*inputs))]
+        if len(got) != len(want):
+            return _report(error=f"artifact returned {len(got)} outputs, the program {len(want)}")
+        for g, w, datatype in zip(got, want, out_types, strict=True):
+            if g.shape != w.shape:
+                return _report(error=f"at {at}: output shape {list(g.shape)} != expected {list(w.shape)}")
+            g64, w64 = values(g, datatype), values(w, datatype)
+            error = float(np.abs(g64 - w64).max()) if g64.size else 0.0
+            # Tolerance scales with the output's magnitude: GPU kernels (cuDNN vs Triton) and
+            # reduction orders differ by a small fraction of the largest value, not of each value.
+            scale = float(np.abs(w64).max()) if w64.size else 0.0
+            max_abs = max(max_abs, error)
+            max_rel = max(max_rel, error / scale if scale else 0.0)
+            if not error <= atol + rtol * scale:  # NaN fails too
+                return _report(
+                    error=f"at {at}: compiled output differs from the program "
+                    f"(max abs error {error:.3g} > atol {atol} + rtol {rtol} * max |output| {scale:.3g})"
+                )
     batches = sorted({p[BATCH] for p in points if BATCH in p})
     validation = Validation(
         batch_sizes=batches, points=points, max_abs_error=max_abs, max_rel_error=max_rel, loader=model.loader

@@ -17,7 +17,8 @@ import torch
 
 from examples import models
 from kiln.manifest import Manifest
-from kiln.runtime.tensors import BY_TORCH, bf16_bits, bf16_values
+from kiln.runtime.tensors import bf16_bits, bf16_values
+from kiln.runtime.torch_arrays import BY_TORCH
 from tests.runtime.conftest import Server
 from tests.runtime.test_compile import run_compile
 

@@ -1,4 +1,4 @@
-"""Pure pieces of kiln-serve's request path: body buffers, zero-copy tensors, the two-thread batcher."""
+"""Pure pieces of kiln-serve's request path: body buffers, zero-copy tensors, the two-thread batcher, shapes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
+from kiln.api import DynamicBatch
+from kiln.manifest import DimRange, Signature, TensorSpec
 from kiln.runtime.batching import Batcher
 from kiln.runtime.bodies import BodyBuffer, infer_model
+from kiln.runtime.bundle import parse_config
+from kiln.runtime.compile import validation_points
+from kiln.runtime.errors import ArchiveError
 from kiln.runtime.protocol import RequestInput
 from kiln.runtime.tensors import ALIGNMENT, from_rest
 
@@ -53,35 +57,89 @@ def test_aligned_binary_tensors_are_used_where_they_lie_and_others_are_copied() 
     spec = RequestInput(name="x", shape=[1, 16], datatype="FP32", parameters={"binary_data_size": 64})
     body = BodyBuffer(64 + 10, aligned_at=10)
     body.write(b"h" * 10 + values.tobytes())
-    tensor = from_rest(spec, body.view[10:])
-    assert tensor.data_ptr() == np.frombuffer(body.view, np.uint8).ctypes.data + 10  # no copy
-    assert torch.equal(tensor, torch.from_numpy(values).reshape(1, 16))
+    array = from_rest(spec, body.view[10:])
+    assert array.ctypes.data == np.frombuffer(body.view, np.uint8).ctypes.data + 10  # no copy
+    assert np.array_equal(array, values.reshape(1, 16))
     read_only = from_rest(spec, memoryview(values.tobytes()))  # bytes: must not be written through
-    assert torch.equal(read_only, tensor) and read_only.data_ptr() != tensor.data_ptr()
+    assert np.array_equal(read_only, array) and read_only.ctypes.data != array.ctypes.data
 
 
 def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() -> None:
     threads: set[str] = set()
     prepared = threading.Event()
 
-    def launch(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def launch(inputs: list[np.ndarray]) -> list[np.ndarray]:
         assert prepared.is_set()  # late warm-up ran before any request
         threads.add(threading.current_thread().name)
         return [inputs[0] * 2]
 
-    def finish(launched: list[torch.Tensor]) -> list[torch.Tensor]:
+    def finish(launched: list[np.ndarray]) -> list[np.ndarray]:
         threads.add(threading.current_thread().name)
         return launched
 
-    async def main() -> list[list[torch.Tensor]]:
+    async def main() -> list[list[np.ndarray]]:
         batcher = Batcher(launch, 8, 0.05, 16, finish=finish, prepare=prepared.set)
         batcher.start()
-        requests = [[torch.full((rows, 3), float(i))] for i, rows in enumerate([1, 2, 3, 1])]
+        requests = [[np.full((rows, 3), float(i))] for i, rows in enumerate([1, 2, 3, 1])]
         answers = await asyncio.gather(*(batcher.submit(r, r[0].shape[0]) for r in requests))
         await batcher.stop()
         return answers
 
     answers = asyncio.run(main())
     for i, (rows, answer) in enumerate(zip([1, 2, 3, 1], answers, strict=True)):
-        assert torch.equal(answer[0], torch.full((rows, 3), 2.0 * i))
+        assert np.array_equal(answer[0], np.full((rows, 3), 2.0 * i))
     assert threads == {"kiln-model", "kiln-answer"}
+
+
+def test_a_batcher_merges_only_requests_whose_other_dimensions_match() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        calls.append(inputs[0].shape)
+        return [inputs[0] + 1]
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = Batcher(run, 8, 0.05, 16, pending=lambda: 6)
+        batcher.start()
+        lengths = [4, 7, 4, 7, 7, 4]
+        requests = [[np.full((1, n), float(i))] for i, n in enumerate(lengths)]
+        answers = await asyncio.gather(*(batcher.submit(r, 1) for r in requests))
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(main())
+    for i, (n, answer) in enumerate(zip([4, 7, 4, 7, 7, 4], answers, strict=True)):
+        assert np.array_equal(answer[0], np.full((1, n), i + 1.0))
+    assert sorted(calls) == [(3, 4), (3, 7)]  # one call per length, each with all three requests
+
+
+def test_kiln_yaml_names_dynamic_dimensions_and_refuses_a_second_range_for_one_name() -> None:
+    config = parse_config(
+        "inputs:\n"
+        "- {name: ids, dtype: int64, shape: [-1, {name: seq, min: 2, max: 128}]}\n"
+        "- {name: mask, dtype: bool, shape: [-1, {name: seq, min: 2, max: 128}, -1]}\n"
+        "outputs: [logits]\n"
+    )
+    sig = config.signature(DynamicBatch(min=1, max=16))
+    assert sig.describe_dims() == "batch=1..16 seq=2..128 mask.2=1..4096"
+    assert [s.dims for s in sig.inputs] == [["batch", "seq"], ["batch", "seq", "mask.2"]]
+    assert config.outputs == ["logits"]
+    clash = parse_config(
+        "inputs:\n- {name: a, dtype: float32, shape: [-1, {name: seq, max: 8}]}\n"
+        "- {name: b, dtype: float32, shape: [-1, {name: seq, max: 9}]}\n"
+    )
+    with pytest.raises(ArchiveError, match="'seq' is declared twice with different ranges"):
+        clash.signature(DynamicBatch())
+    with pytest.raises(ArchiveError, match="mark dimension 1 -1"):
+        config.signature(DynamicBatch(dim=1))
+
+
+def test_validation_covers_min_middle_and_max_of_each_dimension_one_at_a_time() -> None:
+    spec = TensorSpec(name="ids", datatype="INT64", shape=[-1, -1], dims=["batch", "seq"])
+    sig = Signature(
+        inputs=[spec], outputs=[], dims={"batch": DimRange(min=1, max=8), "seq": DimRange(min=2, max=512)}
+    )
+    points = validation_points(sig)
+    assert [p["batch"] for p in points if p["seq"] == 2] == [1, 3, 4, 8]
+    assert [p["seq"] for p in points if p["batch"] == 1] == [2, 257, 512]
+    assert {"batch": 8, "seq": 512} not in points  # never every maximum at once

@@ -1,0 +1,370 @@
+"""Run an AOTInductor library without torch's Python package: its C interface, the C shim, CUDA's runtime.
+
+Serve path, lean loader (no torch import). `import torch` takes seconds (4.1-4.7 s on the
+H200, shared/notes/gpu-findings.md); the compiled library needs only torch's shared
+libraries, which load in about half a second. Tensors are made and read with the
+`aoti_torch_*` functions libtorch exports (torch/csrc/inductor/aoti_torch/c/shim.h);
+host data stays in numpy arrays. On a GPU, inputs go up on a copy stream with CUDA's
+runtime, the library runs on a compute stream that waits for them, and the answering
+thread copies the results down: the model thread is already launching the next batch.
+ctypes releases the GIL during every foreign call. Anything missing (a symbol, the CUDA
+runtime, a library needing torch's proxy executor) raises LeanUnavailable with the reason;
+the loader then takes torch's path and says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
+CUDA_LIBS = ("libc10_cuda.so", "libtorch_cuda.so")
+# numpy dtype of each datatype's bytes, and the name of the shim function giving torch's code for it.
+SHIM_DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "BOOL": (np.dtype(np.bool_), "bool"),
+    "UINT8": (np.dtype(np.uint8), "uint8"),
+    "INT8": (np.dtype(np.int8), "int8"),
+    "INT16": (np.dtype(np.int16), "int16"),
+    "INT32": (np.dtype(np.int32), "int32"),
+    "INT64": (np.dtype(np.int64), "int64"),
+    "FP16": (np.dtype(np.float16), "float16"),
+    "BF16": (np.dtype(np.uint16), "bfloat16"),
+    "FP32": (np.dtype(np.float32), "float32"),
+    "FP64": (np.dtype(np.float64), "float64"),
+}
+QUICK_SECONDS = 1e-3  # CPU calls shorter than this keep the GIL (see aoti_library's docstring)
+H2D, D2H = 1, 2  # cudaMemcpyKind
+NON_BLOCKING, NO_TIMING = 1, 2  # cudaStreamNonBlocking, cudaEventDisableTiming
+CC_MAJOR, CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor/Minor
+RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
+_Int64s = ctypes.POINTER(ctypes.c_int64)
+
+
+class LeanUnavailable(RuntimeError):
+    """The lean path cannot run this artifact here; str() says why."""
+
+
+def torch_dir() -> Path:
+    """torch's install folder, found without running its __init__."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanUnavailable("torch's shared libraries are not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def torch_version() -> str:
+    """torch.__version__ (e.g. 2.11.0+cu130), read from torch/version.py without importing torch."""
+    text = (torch_dir() / "version.py").read_text()
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    if not found:
+        raise LeanUnavailable("cannot read torch's version from torch/version.py")
+    return found.group(1)
+
+
+def load_torch_libraries(device: str, threads: int) -> None:
+    """dlopen torch's libraries with global symbols, as the compiled library expects to find them."""
+    if threads:  # read by OpenMP when libtorch_cpu brings it in: the pod's CPU limit, not the node's cores
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    lib = torch_dir() / "lib"
+    for name in (*CPU_LIBS, *(CUDA_LIBS if device == "cuda" else ()), "libtorch.so"):
+        try:
+            ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise LeanUnavailable(f"cannot load {name}: {exc}") from exc
+    if threads:
+        omp = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+        if omp is not None:
+            omp(threads)
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"could not {what} (error {code})")
+
+
+class Shim:
+    """The `aoti_torch_*` functions Kiln uses, and torch's dtype and device codes."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(None)  # everything loaded with RTLD_GLOBAL
+        try:
+            self.codes = {name: getattr(lib, f"aoti_torch_dtype_{fn}")() for name, (_, fn) in SHIM_DTYPES.items()}
+            self.cpu, self.cuda = lib.aoti_torch_device_type_cpu(), lib.aoti_torch_device_type_cuda()
+            self.from_blob = lib.aoti_torch_create_tensor_from_blob
+            self.data_ptr, self.dim = lib.aoti_torch_get_data_ptr, lib.aoti_torch_get_dim
+            self.sizes, self.strides = lib.aoti_torch_get_sizes, lib.aoti_torch_get_strides
+            self.dtype, self.delete = lib.aoti_torch_get_dtype, lib.aoti_torch_delete_tensor_object
+        except AttributeError as exc:
+            raise LeanUnavailable(f"this torch's C shim lacks a symbol Kiln uses: {exc}") from exc
+        self.from_blob.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, _Int64s, _Int64s, ctypes.c_int64,
+            ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p),
+        ]  # fmt: skip
+        for fn in (self.data_ptr, self.dim, self.sizes, self.strides, self.dtype):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.delete.argtypes = [ctypes.c_void_p]
+        self.datatypes = {code: name for name, code in self.codes.items()}
+
+    def tensor(self, pointer: int, shape: Sequence[int], datatype: str, device_type: int) -> int:
+        """A new, non-owning tensor handle over contiguous memory at `pointer`."""
+        ndim = len(shape)
+        sizes = (ctypes.c_int64 * ndim)(*shape)
+        strides = (ctypes.c_int64 * ndim)(*_contiguous_strides(shape))
+        handle = ctypes.c_void_p()
+        code = self.from_blob(
+            pointer, ndim, sizes, strides, 0, self.codes[datatype], device_type, 0, ctypes.byref(handle)
+        )
+        _check(code, "make a tensor from a buffer")
+        return int(handle.value or 0)
+
+    def describe(self, handle: int) -> tuple[int, list[int], list[int], str]:
+        """(data pointer, shape, strides in elements, datatype) of an output handle."""
+        ptr, ndim, dtype = ctypes.c_void_p(), ctypes.c_int64(), ctypes.c_int32()
+        sizes, strides = _Int64s(), _Int64s()
+        _check(self.data_ptr(handle, ctypes.byref(ptr)), "read a result's address")
+        _check(self.dim(handle, ctypes.byref(ndim)), "read a result's rank")
+        _check(self.sizes(handle, ctypes.byref(sizes)), "read a result's shape")
+        _check(self.strides(handle, ctypes.byref(strides)), "read a result's strides")
+        _check(self.dtype(handle, ctypes.byref(dtype)), "read a result's dtype")
+        n = ndim.value
+        datatype = self.datatypes.get(dtype.value)
+        if datatype is None:
+            raise RuntimeError(f"the model returned a tensor of torch dtype code {dtype.value}, which Kiln cannot send")
+        return int(ptr.value or 0), sizes[:n], strides[:n], datatype
+
+
+def _contiguous_strides(shape: Sequence[int]) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return strides[::-1]
+
+
+def _span(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Elements from the first to one past the last element a strided view reaches."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
+
+
+def host_copy(source: np.ndarray, shape: Sequence[int], strides: Sequence[int], copy: bool) -> np.ndarray:
+    """A contiguous array of a strided view of `source` (elements from its start); `copy`: never `source`'s memory."""
+    item = source.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(source, shape, [s * item for s in strides])
+    return np.array(view, order="C", copy=True) if copy else np.ascontiguousarray(view)
+
+
+class Container:
+    """An AOTInductor model container: create it, count its outputs, run it on handles."""
+
+    def __init__(self, so: Path, device: str, num_models: int) -> None:
+        if so.with_suffix(".json").exists():
+            raise LeanUnavailable(f"{so.name} calls operators outside the C shim (torch's proxy executor)")
+        self.lib = ctypes.CDLL(str(so))
+        create = self.lib.AOTInductorModelContainerCreateWithDevice
+        create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p]
+        self.handle = ctypes.c_void_p()
+        cubins = str(so.parent).encode() if device == "cuda" else None
+        _check(create(ctypes.byref(self.handle), num_models, device.encode(), cubins), "create the model container")
+        count = ctypes.c_size_t()
+        _check(self.lib.AOTInductorModelContainerGetNumOutputs(self.handle, ctypes.byref(count)), "count outputs")
+        self.outputs = count.value
+        run_args = [ctypes.c_void_p] * 2 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_void_p] * 2
+        self._releasing = self.lib.AOTInductorModelContainerRun
+        self._holding = ctypes.PyDLL(str(so)).AOTInductorModelContainerRun  # same function, GIL kept
+        self._releasing.argtypes = self._holding.argtypes = run_args
+
+    def run(self, handles: Sequence[int], stream: int | None = None, keep_gil: bool = False) -> list[int]:
+        """Run on input handles (the container takes them over); new output handles."""
+        given = (ctypes.c_void_p * len(handles))(*handles)
+        taken = (ctypes.c_void_p * self.outputs)()
+        run = self._holding if keep_gil else self._releasing
+        _check(run(self.handle, given, len(handles), taken, self.outputs, stream, None), "run the model")
+        return [int(p or 0) for p in taken]
+
+
+class LeanCpu:
+    """A compiled CPU library called on numpy arrays: inputs used where they lie, results copied out."""
+
+    def __init__(self, so: Path, datatypes: Sequence[str]) -> None:
+        self.shim = Shim()
+        self.container = Container(so, "cpu", 1)
+        self.datatypes = list(datatypes)
+        self.quick = False  # the last call took under QUICK_SECONDS: keep the GIL for the next
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(a) for a in arrays]  # alive until the run returns
+        handles = [
+            self.shim.tensor(a.ctypes.data, a.shape, d, self.shim.cpu)
+            for a, d in zip(arrays, self.datatypes, strict=True)
+        ]
+        start = time.perf_counter()
+        outputs = self.container.run(handles, keep_gil=self.quick)
+        self.quick = time.perf_counter() - start < QUICK_SECONDS
+        return [self._take(h) for h in outputs]
+
+    def _take(self, handle: int) -> np.ndarray:
+        try:
+            ptr, shape, strides, datatype = self.shim.describe(handle)
+            dtype = SHIM_DTYPES[datatype][0]
+            span = _span(shape, strides)
+            if not span:
+                return np.empty(shape, dtype)
+            source = np.frombuffer((ctypes.c_char * (span * dtype.itemsize)).from_address(ptr), dtype=dtype)
+            return host_copy(source, shape, strides, copy=True)  # the library's memory goes with the handle
+        finally:
+            self.shim.delete(handle)
+
+
+class CudaRuntime:
+    """The CUDA runtime functions the GPU path uses (libcudart, as libtorch_cuda loaded it)."""
+
+    def __init__(self) -> None:
+        path = next((p for p in _mapped_libraries() if "libcudart.so" in p), None)
+        if path is None:
+            raise LeanUnavailable("libcudart is not loaded by libtorch_cuda")
+        self.lib = ctypes.CDLL(path)
+        for name in ("cudaStreamCreateWithFlags", "cudaEventCreateWithFlags"):
+            getattr(self.lib, name).argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        self.lib.cudaMallocAsync.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p]
+        self.lib.cudaFreeAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.cudaMemcpyAsync.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
+        self.lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.cudaStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        for name in ("cudaEventSynchronize", "cudaEventDestroy", "cudaStreamSynchronize"):
+            getattr(self.lib, name).argtypes = [ctypes.c_void_p]
+        _check(self.lib.cudaSetDevice(0), "select GPU 0")
+
+    def capability(self) -> str:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        _check(self.lib.cudaDeviceGetAttribute(ctypes.byref(major), CC_MAJOR, 0), "read the GPU's capability")
+        _check(self.lib.cudaDeviceGetAttribute(ctypes.byref(minor), CC_MINOR, 0), "read the GPU's capability")
+        return f"{major.value}.{minor.value}"
+
+    def stream(self) -> int:
+        handle = ctypes.c_void_p()
+        _check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(handle), NON_BLOCKING), "create a CUDA stream")
+        return int(handle.value or 0)
+
+    def event(self, stream: int) -> int:
+        handle = ctypes.c_void_p()
+        _check(self.lib.cudaEventCreateWithFlags(ctypes.byref(handle), NO_TIMING), "create a CUDA event")
+        _check(self.lib.cudaEventRecord(handle, stream), "record a CUDA event")
+        return int(handle.value or 0)
+
+    def keep_pool(self) -> None:
+        """Freed stream-ordered memory stays in the pool for the next batch instead of going back to the driver."""
+        pool, most = ctypes.c_void_p(), ctypes.c_uint64(2**64 - 1)
+        if self.lib.cudaDeviceGetDefaultMemPool(ctypes.byref(pool), 0) == 0:
+            self.lib.cudaMemPoolSetAttribute(pool, RELEASE_THRESHOLD, ctypes.byref(most))
+
+
+def _mapped_libraries() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split()[-1] for line in maps if ".so" in line})
+
+
+@dataclass
+class Launched:
+    """One batch on the GPU: its output handles and the event that marks them computed."""
+
+    outputs: list[int]
+    computed: int
+
+
+class LeanCuda:
+    """A compiled CUDA library called on numpy arrays, in three steps the batcher overlaps:
+    `upload` (copy stream), `launch` (compute stream), `finish` (the answering thread)."""
+
+    def __init__(self, so: Path, datatypes: Sequence[str], num_models: int = 2) -> None:
+        self.cuda = CudaRuntime()
+        self.shim = Shim()
+        self.container = Container(so, "cuda", num_models)
+        self.datatypes = list(datatypes)
+        self.copies, self.compute, self.downloads = self.cuda.stream(), self.cuda.stream(), self.cuda.stream()
+        self.cuda.keep_pool()
+
+    def upload(self, requests: list[list[np.ndarray]], dim: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Each input of the batch in device memory (allocated on the copy stream): (pointer, shape)."""
+        uploaded = []
+        lib = self.cuda.lib
+        for index in range(len(self.datatypes)):
+            parts = [np.ascontiguousarray(r[index]) for r in requests]
+            if dim != 0 and len(parts) > 1:
+                parts = [np.ascontiguousarray(np.concatenate(parts, dim))]
+            shape = list(parts[0].shape)
+            shape[dim] = sum(p.shape[dim] for p in parts) if dim == 0 else shape[dim]
+            size = sum(p.nbytes for p in parts)
+            pointer = ctypes.c_void_p()
+            _check(lib.cudaMallocAsync(ctypes.byref(pointer), max(size, 1), self.copies), "allocate GPU memory")
+            offset = 0
+            for part in parts:
+                code = lib.cudaMemcpyAsync(
+                    (pointer.value or 0) + offset, part.ctypes.data, part.nbytes, H2D, self.copies
+                )
+                _check(code, "copy inputs to the GPU")
+                offset += part.nbytes
+            uploaded.append((int(pointer.value or 0), tuple(shape)))
+        return uploaded
+
+    def launch(self, uploaded: list[tuple[int, tuple[int, ...]]]) -> Launched:
+        """Queue the model behind the uploads; the inputs' memory is freed in stream order after it."""
+        lib = self.cuda.lib
+        ready = self.cuda.event(self.copies)
+        _check(lib.cudaStreamWaitEvent(self.compute, ready, 0), "order the model after its inputs")
+        lib.cudaEventDestroy(ready)
+        handles = [
+            self.shim.tensor(ptr, shape, d, self.shim.cuda)
+            for (ptr, shape), d in zip(uploaded, self.datatypes, strict=True)
+        ]
+        try:
+            outputs = self.container.run(handles, self.compute)
+        finally:
+            for ptr, _ in uploaded:
+                lib.cudaFreeAsync(ptr, self.compute)
+        return Launched(outputs, self.cuda.event(self.compute))
+
+    def finish(self, launched: Launched) -> list[np.ndarray]:
+        """Wait for the batch and copy its results to the host (runs in the answering thread)."""
+        lib = self.cuda.lib
+        try:
+            _check(lib.cudaStreamWaitEvent(self.downloads, launched.computed, 0), "order the copy after the model")
+            results = []
+            for handle in launched.outputs:
+                ptr, shape, strides, datatype = self.shim.describe(handle)
+                dtype = SHIM_DTYPES[datatype][0]
+                span = _span(shape, strides)
+                host = np.empty(span, dtype)
+                if span:
+                    _check(lib.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, D2H, self.downloads), "copy results")
+                results.append((host, shape, strides))
+            _check(lib.cudaStreamSynchronize(self.downloads), "wait for the results")
+            return [host_copy(h, shape, strides, copy=False) for h, shape, strides in results]
+        finally:
+            lib.cudaEventDestroy(launched.computed)
+            for handle in launched.outputs:
+                self.shim.delete(handle)
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One synchronous call (warm-up and validation)."""
+        return self.finish(self.launch(self.upload([list(arrays)], 0)))
+
+
+def capability() -> str:
+    """The GPU's compute capability, through CUDA's runtime (torch's libraries loaded first)."""
+    return CudaRuntime().capability()
