@@ -5,7 +5,9 @@
 Each mode starts `kiln-serve` in a fresh process and polls /infer until the answer
 matches eager PyTorch: eager; jit with an empty inductor cache; jit with the
 cache the previous run left (warm); aot through torch's stock `aoti_load_package`;
-aot through Kiln's runner (the default). Also reports the one-time compile job.
+aot through torch's runner (`KILN_LOADER=runner`, imports torch); aot through Kiln's
+lean loader (the default: the C shim, no torch import). Also reports the one-time
+compile job, and where the lean replica's import time goes (`-X importtime`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from bench import models
 from bench.client import Client, decode, encode
 from bench.hardware import describe
 
-MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot"]
+MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot"]
+LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot": "lean"}
 
 
 def free_port() -> int:
@@ -171,7 +174,7 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
         cmd = serve_command(port, name, device, f"--max-batch-size={batch_max}")
         if mode.startswith("aot"):
             cmd.append(f"--artifact={artifact['path']}")
-            env["KILN_LOADER"] = "package" if mode == "aot-package" else "runner"
+            env["KILN_LOADER"] = LOADERS[mode]
         else:
             cmd += [f"--mode={mode.split('-')[0]}", f"--archive=file://{archive}"]
         seconds = ready_seconds(
@@ -180,16 +183,52 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
         results[mode] = round(seconds, 2)
         print(f"[coldstart] {name} {mode}: ready in {seconds:.2f} s", flush=True)
         for line in (work / f"{name}-{mode}.log").read_text().splitlines():
-            if any(word in line for word in ("loaded", "warmed up", "ready in", "Started server")):
+            if any(word in line for word in ("loaded", "warmed up", "ready in", "Started server", "lean loader")):
                 print(f"[coldstart]     {line}", flush=True)
+    if "aot" in modes:
+        cmd = serve_command(
+            free_port(), name, device, f"--max-batch-size={batch_max}", f"--artifact={artifact['path']}"
+        )
+        results["imports"] = import_breakdown(cmd, work / f"{name}-importtime.log")
+        print(f"[coldstart] {name} aot imports before ready: {results['imports']}", flush=True)
     return results
+
+
+def import_breakdown(cmd: list[str], log: Path, top: int = 8) -> dict[str, float]:
+    """Milliseconds of imports per top-level package in a lean replica, start to ready (`-X importtime`)."""
+    port = int(next(a for a in cmd if a.startswith("--port=")).split("=")[1])
+    with log.open("w") as out:
+        proc = subprocess.Popen([cmd[0], "-X", "importtime", *cmd[1:]], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                client = Client("127.0.0.1", port, timeout=2)
+                client.conn.request("GET", "/v2/health/ready")
+                if client.conn.getresponse().status == 200:
+                    break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    totals: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, module = line.split("|")
+        if module.startswith("  ") or not cumulative.strip().isdigit():
+            continue  # nested imports are inside their parent's cumulative time
+        package = module.strip().split(".")[0]
+        totals[package] = totals.get(package, 0.0) + int(cumulative) / 1000
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {"total": round(sum(totals.values()), 1), **{k: round(v, 1) for k, v in ranked[:top]}}
 
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | **AOT, Kiln runner** "
-        "| Kiln vs eager | Kiln vs compile cold | compile job (once) | package |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | AOT, torch runner "
+        "| **AOT, Kiln lean** | lean vs eager | lean vs compile cold | lean vs torch runner | compile job (once) "
+        "| package |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if not all(m in r for m in MODES):
@@ -197,9 +236,14 @@ def table(results: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {name} | {r['eager']:.2f} s | {r['jit-cold']:.2f} s | {r['jit-warm']:.2f} s | {r['aot-package']:.2f} s "
-            f"| **{r['aot']:.2f} s** | {r['eager'] / r['aot']:.1f}x faster | {r['jit-cold'] / r['aot']:.1f}x faster "
+            f"| {r['aot-runner']:.2f} s | **{r['aot']:.2f} s** | {r['eager'] / r['aot']:.1f}x faster "
+            f"| {r['jit-cold'] / r['aot']:.1f}x faster | {r['aot-runner'] / r['aot']:.1f}x faster "
             f"| {r['compile']['job_seconds']} s | {r['compile']['package_bytes'] / 1e6:.1f} MB |"
         )
+    for name, r in results.items():
+        if "imports" in r:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in r["imports"].items() if k != "total")
+            lines.append(f"\n{name}, lean replica: {r['imports']['total']:.0f} ms of imports before ready ({parts})")
     return "\n".join(lines)
 
 

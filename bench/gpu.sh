@@ -13,7 +13,9 @@ export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")
 out=${OUT:-/tmp/out}
 cd $pkg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
+if [ -n "${LEAN_CHECK:-}" ]; then python3 -m bench.lean_check --device cuda 2>&1 | tee "$out/lean-check.log"; fi
+[ -n "${ONLY_CHECK:-}" ] && exit 0
+python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
 [ -n "${SKIP_SERVING:-}" ] && exit 0
 serve=${SERVE_MODEL:-resnet50}
 art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")

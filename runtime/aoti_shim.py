@@ -85,6 +85,12 @@ def load_torch_libraries(device: str, threads: int) -> None:
             omp(threads)
 
 
+def openmp_threads() -> int:
+    """The threads a compiled CPU library's parallel loops use (OpenMP's maximum); 0: unknown."""
+    get = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
+    return int(get()) if get is not None else 0
+
+
 def _check(code: int, what: str) -> None:
     if code != 0:
         raise RuntimeError(f"could not {what} (error {code})")

@@ -163,8 +163,15 @@ def to_device(program: ExportedProgram, device: str) -> tuple[ExportedProgram, s
 def with_dynamic_dims(
     program: ExportedProgram, batch: DimRange, device: str, batch_dim: int = 0, outputs: Sequence[str] = ()
 ) -> ExportedProgram:
-    """Re-export with dimension `batch_dim` of every input in `batch`, and every other dynamic
-    dimension the program declares kept dynamic with its range."""
+    """The program on `device` with dimension `batch_dim` of every input dynamic over `batch`, and every
+    other dynamic dimension it declares kept with its range.
+
+    A program whose batch is dynamic over a range covering `batch` already is used as exported (the
+    server bounds requests to `batch`); re-exporting a program's module is a second trace that not
+    every model survives (torch.nn.MultiheadAttention on CUDA, for one)."""
+    have = next((rng for name, rng in dynamic_dims(program, batch_dim).values() if name == BATCH), None)
+    if has_dynamic_batch(program, batch_dim) and have is not None and have.min <= batch.min <= batch.max <= have.max:
+        return to_device(program, device)[0]
     signature = signature_of(program, batch_dim, batch, outputs)
     for spec in signature.inputs:  # an input exported with a static batch gets a dynamic one
         if len(spec.shape) > batch_dim:

@@ -40,8 +40,9 @@ class Source:
 
 def prepare(archive: Path, fmt: ArchiveFormat, work: Path, batch: DynamicBatch, device: str, limits: Limits) -> Source:
     if fmt == ArchiveFormat.exported_program:
-        program = with_dynamic_dims(load_exported(archive), DimRange(min=batch.min, max=batch.max), device, batch.dim)
-        return Source(signature_of(program, batch.dim), program=program)
+        batch_range = DimRange(min=batch.min, max=batch.max)
+        program = with_dynamic_dims(load_exported(archive), batch_range, device, batch.dim)
+        return Source(signature_of(program, batch.dim, batch_range), program=program)
     if fmt == ArchiveFormat.torchscript:
         return _torchscript(archive, work, batch, limits)
     if kind_of(archive) is None:

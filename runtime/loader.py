@@ -144,6 +144,6 @@ def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> Lo
         LEAN,
         device,
         manifest.batch_dim,
-        {"intra_op_threads": threads} if threads else {},
+        {"intra_op_threads": aoti_shim.openmp_threads() or threads},
         pipeline=library if device == "cuda" else None,
     )

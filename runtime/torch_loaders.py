@@ -167,5 +167,5 @@ def load_program(
 
     loader = "eager" if jit is None or jit.disable else ("jit" if jit.backend == "inductor" else f"jit-{jit.backend}")
     signature = signature or signature_of(program, batch_dim, DimRange(min=1, max=batch_max))
-    call, pipeline = serving(run, signature, device)
-    return LoadedModel(call, signature, batch_max, loader, device, batch_dim, pipeline=pipeline)  # type: ignore[arg-type]
+    on_host, pipeline = serving(run, signature, device)
+    return LoadedModel(on_host, signature, batch_max, loader, device, batch_dim, pipeline=pipeline)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ def test_compile_publishes_package_runner_and_manifest(compiled: dict[str, Artif
     assert [i.name for i in manifest.signature.inputs] == ["x", "y"]
     assert [i.shape for i in manifest.signature.inputs] == [[-1, 16], [-1, 4]]
     assert [o.name for o in manifest.signature.outputs] == ["output0", "output1"]
-    assert manifest.validation is not None and manifest.validation.loader == "runner"
+    assert manifest.validation is not None and manifest.validation.loader == "lean"
     assert manifest.validation.max_abs_error < 1e-3
     package = art.folder / "model.pt2"
     assert package.stat().st_size == manifest.package_bytes

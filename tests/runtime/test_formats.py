@@ -53,7 +53,7 @@ def test_module_and_weights_tarball_is_compiled_ahead_of_time_with_its_weights( 
     summary = compile_ok(archive, tmp_path / "cache", tmp_path, "--format=module-and-weights")
     assert summary["engine"] == "aotinductor" and summary["note"] is None
     server = serve(f"--artifact={summary['path']}")
-    assert server.client.get("/v2/models/model").json()["platform"] == "kiln_runner"
+    assert server.client.get("/v2/models/model").json()["platform"] == "kiln_lean"
     assert_serves_mlp(server)
 
 
@@ -133,9 +133,10 @@ def test_thread_pools_follow_the_declared_cpu_limit_not_the_cores(  # type: igno
 ) -> None:
     monkeypatch.setenv("KILN_CPU_LIMIT", "1")
     params = serve(f"--artifact={compiled['mlp'].folder}").client.get("/v2/models/model").json()["parameters"]
-    assert params["intra_op_threads"] == 1
+    assert (params["loader"], params["intra_op_threads"]) == ("lean", 1)  # OpenMP's threads, as the library sees them
     monkeypatch.setenv("KILN_INTRA_OP_THREADS", "2")
     monkeypatch.setenv("KILN_INTER_OP_THREADS", "3")
+    monkeypatch.setenv("KILN_LOADER", "runner")  # torch's pools, through torch
     params = serve(f"--artifact={compiled['mlp'].folder}").client.get("/v2/models/model").json()["parameters"]
     assert (params["intra_op_threads"], params["inter_op_threads"]) == (2, 3)
 

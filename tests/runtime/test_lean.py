@@ -1,0 +1,58 @@
+"""The lean serve path: an AOT replica that never imports torch, and torch's runner as the named fallback.
+
+Real kiln-compile artifacts (the session's compiled MLP), kiln-serve over a real socket.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from examples import models
+from kiln.runtime.aoti_shim import host_copy
+from tests.runtime.conftest import Artifact, Server
+from tests.runtime.test_serve import infer_json, outputs_of
+
+
+def assert_answers_like_eager(server: Server) -> None:
+    for batch in (1, 5, 16):
+        inputs = models.examples("mlp", batch, seed=batch)
+        for got, want in zip(
+            outputs_of(infer_json(server, "model", inputs, ["x", "y"])), models.eager("mlp", *inputs), strict=True
+        ):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_an_aot_replica_is_ready_and_answers_without_importing_torch(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(f"--artifact={compiled['mlp'].folder}")
+    assert_answers_like_eager(server)
+    params = server.client.get("/v2/models/model").json()["parameters"]
+    assert (params["loader"], params["torch_imported"], "loader_fallback" in params) == ("lean", False, False)
+    assert 'kiln_model_loader{fallback="",loader="lean",model="model"} 1.0' in server.client.get("/metrics").text
+
+
+def test_torchs_runner_is_the_fallback_and_says_why(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KILN_LOADER", "runner")
+    server = serve(f"--artifact={compiled['mlp'].folder}")
+    assert_answers_like_eager(server)
+    params = server.client.get("/v2/models/model").json()["parameters"]
+    assert (params["loader"], params["loader_fallback"], params["torch_imported"]) == (
+        "runner",
+        "KILN_LOADER=runner",
+        True,
+    )
+    assert "not using the lean loader (KILN_LOADER=runner): importing torch" in server.log.read_text()
+    assert (
+        'kiln_model_loader{fallback="KILN_LOADER=runner",loader="runner",model="model"} 1.0'
+        in server.client.get("/metrics").text
+    )
+
+
+def test_strided_results_are_copied_out_in_row_major_order() -> None:
+    source = np.arange(12, dtype=np.float32)  # a [3, 4] tensor stored transposed: strides (1, 3)
+    got = host_copy(source, [3, 4], [1, 3], copy=True)
+    assert got.flags.c_contiguous and np.array_equal(got, source.reshape(4, 3).T)
+    assert not np.shares_memory(got, source)
