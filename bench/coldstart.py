@@ -48,7 +48,7 @@ def serve_command(port: int, model: str, device: str, *extra: str) -> list[str]:
         sys.executable,
         "-P",
         "-m",
-        "kiln.runtime.server",
+        "kiln.runtime.serve",
         "--host=127.0.0.1",
         f"--port={port}",
         f"--model-name={model}",
@@ -195,7 +195,8 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
 
 
 def import_breakdown(cmd: list[str], log: Path, top: int = 8) -> dict[str, float]:
-    """Milliseconds of imports per top-level package in a lean replica, start to ready (`-X importtime`)."""
+    """Milliseconds of imports per top-level package in a lean replica, start to ready (`-X importtime`):
+    each module's own time (not its imports'), summed by package."""
     port = int(next(a for a in cmd if a.startswith("--port=")).split("=")[1])
     with log.open("w") as out:
         proc = subprocess.Popen([cmd[0], "-X", "importtime", *cmd[1:]], stdout=out, stderr=subprocess.STDOUT)
@@ -214,11 +215,11 @@ def import_breakdown(cmd: list[str], log: Path, top: int = 8) -> dict[str, float
     for line in log.read_text().splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        _, cumulative, module = line.split("|")
-        if module.startswith("  ") or not cumulative.strip().isdigit():
-            continue  # nested imports are inside their parent's cumulative time
+        own, _, module = line.removeprefix("import time:").split("|")
+        if not own.strip().isdigit():
+            continue  # the header line
         package = module.strip().split(".")[0]
-        totals[package] = totals.get(package, 0.0) + int(cumulative) / 1000
+        totals[package] = totals.get(package, 0.0) + int(own) / 1000
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     return {"total": round(sum(totals.values()), 1), **{k: round(v, 1) for k, v in ranked[:top]}}
 

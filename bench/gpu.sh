@@ -19,4 +19,4 @@ python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-ml
 [ -n "${SKIP_SERVING:-}" ] && exit 0
 serve=${SERVE_MODEL:-resnet50}
 art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")
-python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda.json" 2>&1 | tee "$out/serving.log"
+python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda.json" ${SERVING_ARGS:-} 2>&1 | tee "$out/serving.log"

@@ -8,7 +8,7 @@ export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
 export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")  # see bench/gpu.sh
 cd $pkg
 art=$(ls -d /var/tmp/kiln-bench/cache-resnet50/*/ | head -n 1)
-python3 -P -m kiln.runtime.server --artifact "$art" --model-name resnet50 --device cuda --host 127.0.0.1 --port 18555 \
+python3 -P -m kiln.runtime.serve --artifact "$art" --model-name resnet50 --device cuda --host 127.0.0.1 --port 18555 \
   --max-batch-size 64 --max-delay-ms 1 > "$out/serve-profile.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do curl -sf 127.0.0.1:18555/v2/health/ready >/dev/null && break; sleep 0.2; done

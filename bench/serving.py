@@ -10,6 +10,7 @@ from several processes so the client is not the bottleneck.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -150,11 +151,14 @@ def in_process(
     return out
 
 
-def serve(artifact: Path, device: str, model: str, batching: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def serve(
+    artifact: Path, device: str, model: str, batching: bool, log: Path, loader: str = "lean"
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     batch = ["--max-batch-size=64", "--max-delay-ms=1"] if batching else ["--max-batch-size=1", "--max-delay-ms=0"]
     cmd = serve_command(port, model, device, f"--artifact={artifact}", "--max-queue=4096", *batch)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {**os.environ, "KILN_LOADER": loader}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     for _ in range(600):
         try:
             c = Client("127.0.0.1", port, timeout=2)
@@ -173,6 +177,7 @@ def main() -> int:
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--loaders", default="lean", help="KILN_LOADER values to compare, e.g. lean,runner")
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -181,10 +186,13 @@ def main() -> int:
     args = models.inputs(a.model, 1)
     body, headers = encode(models.names(a.model), [t.numpy() for t in args])
     variants = answers(a.model, a.device, 8)
-    limit = in_process(a.artifact, a.device, a.model, sorted({1, *[min(c, 64) for c in conc]}), a.seconds / 2)
     rows = []
-    for batching in (False, True):
-        proc, port = serve(a.artifact, a.device, a.model, batching, Path(f"/tmp/serve-{int(batching)}.log"))
+    for loader, batching in itertools.product(a.loaders.split(","), (False, True)):
+        os.environ["KILN_LOADER"] = loader  # in-process too: the same loader as the server's
+        if not batching:
+            limit = in_process(a.artifact, a.device, a.model, sorted({1, *[min(c, 64) for c in conc]}), a.seconds / 2)
+        log = Path(f"/tmp/serve-{loader}-{int(batching)}.log")
+        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader)
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
             for c in conc:
@@ -192,13 +200,14 @@ def main() -> int:
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
                     "batching": batching,
+                    "loader": loader,
                     "inproc_rows_per_s": base["rows_per_s"],
                     "ratio": r["rps"] / base["rows_per_s"],
                     "inproc_p50_ms": limit[1]["p50_ms"],
                 }
                 rows.append(r)
                 print(
-                    f"[serving] batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
+                    f"[serving] {loader} batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
                     f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
                     flush=True,
                 )
@@ -207,15 +216,15 @@ def main() -> int:
             proc.wait()
     print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
     print(
-        "| batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) | HTTP / in-process "
-        "| in-process p50 ms (batch 1) | errors | wrong answers |"
+        "| loader | batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) "
+        "| HTTP / in-process | in-process p50 ms (batch 1) | errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} "
-            f"| {r['errors']} | {r['wrong']} |"
+            f"| {r['loader']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} "
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} "
+            f"| {r['inproc_p50_ms']:.2f} | {r['errors']} | {r['wrong']} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

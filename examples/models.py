@@ -47,13 +47,17 @@ class TinyEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(self.VOCAB, self.WIDTH)
         self.position = nn.Embedding(self.MAX_LEN, self.WIDTH)
-        self.attention = nn.MultiheadAttention(self.WIDTH, 4, batch_first=True)
+        # Attention written out: nn.MultiheadAttention exported on a CPU and moved to CUDA does not
+        # compile there (its graph views SDPA's output with the CPU kernel's strides).
+        self.qkv = nn.Linear(self.WIDTH, 3 * self.WIDTH)
         self.mlp = nn.Sequential(nn.Linear(self.WIDTH, 64), nn.GELU(), nn.Linear(64, self.WIDTH))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         positions = torch.arange(ids.shape[1], device=ids.device)
         h = self.embed(ids) + self.position(positions)
-        h = h + self.attention(h, h, h, need_weights=False)[0]
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        scores = (q @ k.transpose(1, 2)) * self.WIDTH**-0.5
+        h = h + scores.softmax(-1) @ v
         h = h + self.mlp(h)
         weights = mask.to(h.dtype).unsqueeze(-1)
         pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -15,9 +15,6 @@ the loader then takes torch's path and says why.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
-CUDA_LIBS = ("libc10_cuda.so", "libtorch_cuda.so")
+from kiln.runtime.preload import LeanUnavailable, mapped_libraries
+
 # numpy dtype of each datatype's bytes, and the name of the shim function giving torch's code for it.
 SHIM_DTYPES: dict[str, tuple[np.dtype, str]] = {
     "BOOL": (np.dtype(np.bool_), "bool"),
@@ -48,41 +45,11 @@ RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
 _Int64s = ctypes.POINTER(ctypes.c_int64)
 
 
-class LeanUnavailable(RuntimeError):
-    """The lean path cannot run this artifact here; str() says why."""
-
-
-def torch_dir() -> Path:
-    """torch's install folder, found without running its __init__."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise LeanUnavailable("torch's shared libraries are not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def torch_version() -> str:
-    """torch.__version__ (e.g. 2.11.0+cu130), read from torch/version.py without importing torch."""
-    text = (torch_dir() / "version.py").read_text()
-    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
-    if not found:
-        raise LeanUnavailable("cannot read torch's version from torch/version.py")
-    return found.group(1)
-
-
-def load_torch_libraries(device: str, threads: int) -> None:
-    """dlopen torch's libraries with global symbols, as the compiled library expects to find them."""
-    if threads:  # read by OpenMP when libtorch_cpu brings it in: the pod's CPU limit, not the node's cores
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    lib = torch_dir() / "lib"
-    for name in (*CPU_LIBS, *(CUDA_LIBS if device == "cuda" else ()), "libtorch.so"):
-        try:
-            ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
-        except OSError as exc:
-            raise LeanUnavailable(f"cannot load {name}: {exc}") from exc
-    if threads:
-        omp = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
-        if omp is not None:
-            omp(threads)
+def set_openmp_threads(threads: int) -> None:
+    """OpenMP's thread count for a compiled CPU library's parallel loops (the pod's CPU limit)."""
+    omp = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+    if threads and omp is not None:
+        omp(threads)
 
 
 def openmp_threads() -> int:
@@ -235,7 +202,7 @@ class CudaRuntime:
     """The CUDA runtime functions the GPU path uses (libcudart, as libtorch_cuda loaded it)."""
 
     def __init__(self) -> None:
-        path = next((p for p in _mapped_libraries() if "libcudart.so" in p), None)
+        path = next((p for p in mapped_libraries() if "libcudart.so" in p), None)
         if path is None:
             raise LeanUnavailable("libcudart is not loaded by libtorch_cuda")
         self.lib = ctypes.CDLL(path)
@@ -278,11 +245,6 @@ class CudaRuntime:
         pool, most = ctypes.c_void_p(), ctypes.c_uint64(2**64 - 1)
         if self.lib.cudaDeviceGetDefaultMemPool(ctypes.byref(pool), 0) == 0:
             self.lib.cudaMemPoolSetAttribute(pool, RELEASE_THRESHOLD, ctypes.byref(most))
-
-
-def _mapped_libraries() -> list[str]:
-    with open("/proc/self/maps") as maps:
-        return sorted({line.split()[-1] for line in maps if ".so" in line})
 
 
 @dataclass

@@ -95,7 +95,7 @@ def load_artifact(
     manifest = Manifest.read(folder)
     reason = lean_refusal(manifest)
     if reason is None:
-        from kiln.runtime.aoti_shim import LeanUnavailable
+        from kiln.runtime.preload import LeanUnavailable
 
         try:
             return load_lean(folder, manifest, device, threads)
@@ -123,15 +123,15 @@ def lean_refusal(manifest: Manifest) -> str | None:
 
 
 def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> LoadedModel:
-    from kiln.runtime import aoti_shim
+    from kiln.runtime import aoti_shim, preload
 
-    check_manifest(
-        manifest, device, aoti_shim.torch_version(), manifest.device_capability if device == "cuda" else None
-    )
+    # torch version and device now; the GPU's capability once CUDA's runtime is loaded
+    check_manifest(manifest, device, preload.torch_version(), manifest.device_capability)
     assert manifest.runner_so is not None
     if manifest.runner_so_sha256:
         verify_files(folder, {manifest.runner_so: manifest.runner_so_sha256})
-    aoti_shim.load_torch_libraries(device, threads)
+    preload.wait(device, threads)  # started by kiln-serve's entry point, or now
+    aoti_shim.set_openmp_threads(threads)
     if device == "cuda":
         check_manifest(manifest, device, manifest.torch_version, aoti_shim.capability())
     datatypes = [s.datatype for s in manifest.signature.inputs]

@@ -26,8 +26,9 @@ from kiln.runtime.errors import InvalidInput, KilnError, PayloadTooLarge
 from kiln.runtime.inference import InferAnswer, check_size, error_parts
 from kiln.runtime.loader import JitArgs, LoadedModel
 from kiln.runtime.metrics import Metrics
+from kiln.runtime.preload import cpu_limit
 from kiln.runtime.protocol import BINARY_HEADER
-from kiln.runtime.settings import ServeSettings, cpu_limit, parse_settings
+from kiln.runtime.settings import ServeSettings, parse_settings
 
 log = logging.getLogger("kiln.serve")
 

@@ -8,29 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from kiln.api import JitBackend
-
-
-def cpu_limit() -> int:
-    """The pod's CPU limit, never the node's core count when a limit is set.
-
-    From the cgroup (v2 cpu.max), else KILN_CPU_LIMIT (the operator sets it from the
-    container's limits.cpu through the downward API, which works on cgroup v1 too),
-    else the CPUs this process may run on.
-    """
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            return max(1, int(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    declared = os.environ.get("KILN_CPU_LIMIT", "")
-    if declared.isdigit() and int(declared) > 0:
-        return min(int(declared), len(os.sched_getaffinity(0)))
-    return len(os.sched_getaffinity(0))
 
 
 def _flag(text: str) -> bool:

@@ -1,0 +1,144 @@
+"""torch's shared libraries and a CUDA context, loaded in the background from kiln-serve's first line.
+
+Serve path, lean loader; imports nothing but the standard library. Loading libtorch
+(0.5 s on the H200) and creating a CUDA context (0.25 s) are C work; done by a thread
+through ctypes (`dlopen` called as a foreign function, so the GIL is free) they overlap
+the second of Python imports that bring up the HTTP server. The loader joins the thread
+before it opens the compiled library (kiln.runtime.loader.load_lean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import os
+import re
+import threading
+from pathlib import Path
+
+CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
+CUDA_LIBS = ("libc10_cuda.so", "libtorch_cuda.so")
+LAST_LIBS = ("libtorch.so",)
+
+
+class LeanUnavailable(RuntimeError):
+    """The lean path cannot run this artifact here; str() says why."""
+
+
+def cpu_limit() -> int:
+    """The pod's CPU limit, never the node's core count when a limit is set.
+
+    From the cgroup (v2 cpu.max), else KILN_CPU_LIMIT (the operator sets it from the
+    container's limits.cpu through the downward API, which works on cgroup v1 too),
+    else the CPUs this process may run on.
+    """
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, int(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    declared = os.environ.get("KILN_CPU_LIMIT", "")
+    if declared.isdigit() and int(declared) > 0:
+        return min(int(declared), len(os.sched_getaffinity(0)))
+    return len(os.sched_getaffinity(0))
+
+
+def torch_dir() -> Path:
+    """torch's install folder, found without running its __init__."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanUnavailable("torch's shared libraries are not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def torch_version() -> str:
+    """torch.__version__ (e.g. 2.11.0+cu130), read from torch/version.py without importing torch."""
+    text = (torch_dir() / "version.py").read_text()
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    if not found:
+        raise LeanUnavailable("cannot read torch's version from torch/version.py")
+    return found.group(1)
+
+
+def _dlopen_global(path: Path) -> None:
+    """dlopen with global symbols, the GIL released (ctypes.CDLL itself holds it for the whole load)."""
+    libc = ctypes.CDLL(None)
+    libc.dlopen.restype, libc.dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    if not libc.dlopen(str(path).encode(), os.RTLD_NOW | os.RTLD_GLOBAL):
+        libc.dlerror.restype = ctypes.c_char_p
+        raise LeanUnavailable(f"cannot load {path.name}: {(libc.dlerror() or b'').decode()}")
+
+
+def _cuda_context() -> None:
+    """GPU 0's primary context, made now rather than inside the first model call."""
+    path = next((p for p in mapped_libraries() if "libcudart.so" in p), None)
+    if path is not None:
+        cudart = ctypes.CDLL(path)
+        cudart.cudaSetDevice(0)
+        cudart.cudaFree(None)
+
+
+def mapped_libraries() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split()[-1] for line in maps if ".so" in line})
+
+
+def load_torch_libraries(device: str, threads: int) -> None:
+    """dlopen torch's libraries with global symbols, as compiled libraries expect to find them."""
+    if threads:  # read by OpenMP when libtorch_cpu brings it in: the pod's CPU limit, not the node's cores
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    lib = torch_dir() / "lib"
+    for name in (*CPU_LIBS, *(CUDA_LIBS if device == "cuda" else ()), *LAST_LIBS):
+        _dlopen_global(lib / name)
+    if device == "cuda":
+        _cuda_context()
+
+
+class Preload:
+    """load_torch_libraries in a thread; `wait()` re-raises what it raised."""
+
+    def __init__(self, device: str, threads: int) -> None:
+        self.device, self.threads = device, threads
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            load_torch_libraries(self.device, self.threads)
+        except BaseException as exc:  # handed to whoever waits
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+_started: Preload | None = None
+
+
+def start(argv: list[str]) -> Preload | None:
+    """Start loading what an aot replica on the lean path will need, judged from its arguments."""
+    global _started
+    p = argparse.ArgumentParser(add_help=False)
+    for name in ("mode", "artifact", "device", "intra-op-threads"):
+        env = os.environ.get("KILN_" + name.upper().replace("-", "_"), "")
+        p.add_argument(f"--{name}", default=env)
+    known, _ = p.parse_known_args(argv)
+    lean = os.environ.get("KILN_LOADER", "lean") == "lean" and (known.mode or "aot") == "aot" and known.artifact
+    if not lean or known.device not in ("", "cpu", "cuda"):
+        return None
+    threads = int(known.intra_op_threads) if str(known.intra_op_threads).isdigit() else 0
+    _started = Preload(known.device or "cpu", threads or cpu_limit())
+    _started.thread.start()
+    return _started
+
+
+def wait(device: str, threads: int) -> None:
+    """torch's libraries loaded: by the preload thread if one ran for this device, else now."""
+    if _started is not None and _started.device == device:
+        _started.wait()
+    else:
+        load_torch_libraries(device, threads)
