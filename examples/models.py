@@ -1,6 +1,7 @@
-"""Small example models for the demo, tests and benchmarks.
+"""Small example models for the demo, tests and benchmarks, and the archive formats users bring.
 
-Built here (no downloads) and exported with a dynamic batch dimension.
+Built here (no downloads) and exported with a dynamic batch dimension; the encoder's
+sequence length is dynamic too (2..64), and `mixed` takes int64, fp16 and bf16 inputs.
 """
 
 from __future__ import annotations

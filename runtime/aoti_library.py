@@ -19,13 +19,12 @@ the GIL this time."""
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from kiln.runtime.aoti_shim import QUICK_SECONDS, Container
+from kiln.runtime.aoti_shim import Container
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
 _capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
@@ -39,7 +38,6 @@ class AotiLibrary:
     def __init__(self, so: Path, device: str, num_models: int = 1) -> None:
         self.container = Container(so, device, num_models)
         self.device = device
-        self.quick = False  # the last CPU call took under QUICK_SECONDS
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         aoti = torch._C._aoti
@@ -47,7 +45,5 @@ class AotiLibrary:
         handles = aoti.unsafe_alloc_void_ptrs_from_tensors([t.contiguous() for t in inputs])
         given = [int(_capsule_pointer(h, None)) for h in handles]
         stream = torch.cuda.current_stream().cuda_stream if self.device == "cuda" else None
-        start = time.perf_counter()
-        taken = self.container.run(given, stream, keep_gil=self.quick)
-        self.quick = self.device == "cpu" and time.perf_counter() - start < QUICK_SECONDS
+        taken = self.container.run(given, stream)
         return list(aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule(p, None, None) for p in taken]))

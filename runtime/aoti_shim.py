@@ -22,20 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.runtime.preload import LeanUnavailable, mapped_libraries
+from kiln.runtime.preload import LeanUnavailable, cudart_path
+from kiln.runtime.tensors import DATATYPES
 
-# numpy dtype of each datatype's bytes, and the name of the shim function giving torch's code for it.
-SHIM_DTYPES: dict[str, tuple[np.dtype, str]] = {
-    "BOOL": (np.dtype(np.bool_), "bool"),
-    "UINT8": (np.dtype(np.uint8), "uint8"),
-    "INT8": (np.dtype(np.int8), "int8"),
-    "INT16": (np.dtype(np.int16), "int16"),
-    "INT32": (np.dtype(np.int32), "int32"),
-    "INT64": (np.dtype(np.int64), "int64"),
-    "FP16": (np.dtype(np.float16), "float16"),
-    "BF16": (np.dtype(np.uint16), "bfloat16"),
-    "FP32": (np.dtype(np.float32), "float32"),
-    "FP64": (np.dtype(np.float64), "float64"),
+# The shim function naming torch's code for each datatype (aoti_torch_dtype_<name>).
+SHIM_NAMES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "BF16": "bfloat16",
+    "FP32": "float32",
+    "FP64": "float64",
 }
 QUICK_SECONDS = 1e-3  # CPU calls shorter than this keep the GIL (see aoti_library's docstring)
 H2D, D2H = 1, 2  # cudaMemcpyKind
@@ -69,7 +70,7 @@ class Shim:
     def __init__(self) -> None:
         lib = ctypes.CDLL(None)  # everything loaded with RTLD_GLOBAL
         try:
-            self.codes = {name: getattr(lib, f"aoti_torch_dtype_{fn}")() for name, (_, fn) in SHIM_DTYPES.items()}
+            self.codes = {name: getattr(lib, f"aoti_torch_dtype_{fn}")() for name, fn in SHIM_NAMES.items()}
             self.cpu, self.cuda = lib.aoti_torch_device_type_cpu(), lib.aoti_torch_device_type_cuda()
             self.from_blob = lib.aoti_torch_create_tensor_from_blob
             self.data_ptr, self.dim = lib.aoti_torch_get_data_ptr, lib.aoti_torch_get_dim
@@ -155,13 +156,17 @@ class Container:
         self._releasing = self.lib.AOTInductorModelContainerRun
         self._holding = ctypes.PyDLL(str(so)).AOTInductorModelContainerRun  # same function, GIL kept
         self._releasing.argtypes = self._holding.argtypes = run_args
+        self.cpu = device == "cpu"
+        self.quick = False  # the last CPU call took under QUICK_SECONDS: keep the GIL for the next
 
-    def run(self, handles: Sequence[int], stream: int | None = None, keep_gil: bool = False) -> list[int]:
+    def run(self, handles: Sequence[int], stream: int | None = None) -> list[int]:
         """Run on input handles (the container takes them over); new output handles."""
         given = (ctypes.c_void_p * len(handles))(*handles)
         taken = (ctypes.c_void_p * self.outputs)()
-        run = self._holding if keep_gil else self._releasing
+        run = self._holding if self.quick else self._releasing
+        start = time.perf_counter()
         _check(run(self.handle, given, len(handles), taken, self.outputs, stream, None), "run the model")
+        self.quick = self.cpu and time.perf_counter() - start < QUICK_SECONDS
         return [int(p or 0) for p in taken]
 
 
@@ -172,7 +177,6 @@ class LeanCpu:
         self.shim = Shim()
         self.container = Container(so, "cpu", 1)
         self.datatypes = list(datatypes)
-        self.quick = False  # the last call took under QUICK_SECONDS: keep the GIL for the next
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(a) for a in arrays]  # alive until the run returns
@@ -180,15 +184,12 @@ class LeanCpu:
             self.shim.tensor(a.ctypes.data, a.shape, d, self.shim.cpu)
             for a, d in zip(arrays, self.datatypes, strict=True)
         ]
-        start = time.perf_counter()
-        outputs = self.container.run(handles, keep_gil=self.quick)
-        self.quick = time.perf_counter() - start < QUICK_SECONDS
-        return [self._take(h) for h in outputs]
+        return [self._take(h) for h in self.container.run(handles)]
 
     def _take(self, handle: int) -> np.ndarray:
         try:
             ptr, shape, strides, datatype = self.shim.describe(handle)
-            dtype = SHIM_DTYPES[datatype][0]
+            dtype = DATATYPES[datatype]
             span = _span(shape, strides)
             if not span:
                 return np.empty(shape, dtype)
@@ -202,7 +203,7 @@ class CudaRuntime:
     """The CUDA runtime functions the GPU path uses (libcudart, as libtorch_cuda loaded it)."""
 
     def __init__(self) -> None:
-        path = next((p for p in mapped_libraries() if "libcudart.so" in p), None)
+        path = cudart_path()
         if path is None:
             raise LeanUnavailable("libcudart is not loaded by libtorch_cuda")
         self.lib = ctypes.CDLL(path)
@@ -276,7 +277,7 @@ class LeanCuda:
             if dim != 0 and len(parts) > 1:
                 parts = [np.ascontiguousarray(np.concatenate(parts, dim))]
             shape = list(parts[0].shape)
-            shape[dim] = sum(p.shape[dim] for p in parts) if dim == 0 else shape[dim]
+            shape[dim] = sum(p.shape[dim] for p in parts)
             size = sum(p.nbytes for p in parts)
             pointer = ctypes.c_void_p()
             _check(lib.cudaMallocAsync(ctypes.byref(pointer), max(size, 1), self.copies), "allocate GPU memory")
@@ -315,7 +316,7 @@ class LeanCuda:
             results = []
             for handle in launched.outputs:
                 ptr, shape, strides, datatype = self.shim.describe(handle)
-                dtype = SHIM_DTYPES[datatype][0]
+                dtype = DATATYPES[datatype]
                 span = _span(shape, strides)
                 host = np.empty(span, dtype)
                 if span:

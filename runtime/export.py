@@ -61,18 +61,22 @@ def tensor_spec(name: str, value: object, dim_names: Sequence[str | None]) -> Te
     return TensorSpec(name=name, datatype=datatype_of(tensor.dtype), shape=shape, dims=dims)
 
 
-def _symbol(name: str, index: int, size: object) -> sympy.Symbol | None:
-    if isinstance(size, int):
-        return None
-    expr = size.node.expr  # type: ignore[attr-defined]
-    if isinstance(expr, sympy.Integer):
-        return None
-    if not isinstance(expr, sympy.Symbol):
+def _symbol_or_none(size: object) -> sympy.Symbol | None:
+    """The symbol of a size; None for static sizes and expressions (outputs may have those)."""
+    expr = None if isinstance(size, int) else size.node.expr  # type: ignore[attr-defined]
+    return expr if isinstance(expr, sympy.Symbol) else None
+
+
+def _input_symbol(name: str, index: int, size: object) -> sympy.Symbol | None:
+    """An input size's symbol (None: static); a size derived from others is refused."""
+    symbol = _symbol_or_none(size)
+    expr = None if isinstance(size, int) else size.node.expr  # type: ignore[attr-defined]
+    if symbol is None and expr is not None and not isinstance(expr, sympy.Integer):
         raise ExportError(
             f"dimension {index} of input {name!r} is derived from others ({expr}); Kiln serves inputs whose "
             "dynamic dimensions are sizes of their own: export with independent Dims"
         )
-    return expr
+    return symbol
 
 
 def _range(program: ExportedProgram, symbol: sympy.Symbol) -> DimRange:
@@ -88,7 +92,7 @@ def dynamic_dims(program: ExportedProgram, batch_dim: int) -> dict[sympy.Symbol,
     found: dict[sympy.Symbol, tuple[str, DimRange]] = {}
     for node in _user_placeholders(program):
         for index, size in enumerate(_tensor(node.name, node.meta.get("val")).shape):
-            symbol = _symbol(node.name, index, size)
+            symbol = _input_symbol(node.name, index, size)
             if symbol is None:
                 continue
             name = BATCH if index == batch_dim else found.get(symbol, (f"{node.name}.{index}", None))[0]
@@ -139,14 +143,6 @@ def signature_of(
     if batch is not None and BATCH in dims:
         dims[BATCH] = batch
     return Signature(inputs=inputs, outputs=[spec(n, v) for n, v in zip(labels, user_outputs, strict=True)], dims=dims)
-
-
-def _symbol_or_none(size: object) -> sympy.Symbol | None:
-    """The symbol of a size; None for static sizes and expressions (outputs may have those)."""
-    if isinstance(size, int):
-        return None
-    expr = size.node.expr  # type: ignore[attr-defined]
-    return expr if isinstance(expr, sympy.Symbol) else None
 
 
 def to_device(program: ExportedProgram, device: str) -> tuple[ExportedProgram, str]:

@@ -1,4 +1,4 @@
-"""Archive formats → what an engine builds from: an ExportedProgram with a dynamic batch dimension, or TorchScript.
+"""Archive formats → what an engine builds from: an ExportedProgram with its dynamic dimensions, or TorchScript.
 
 Compile path (torch). module-and-weights and TorchServe .mar archives run the user's
 model.py: that is code execution, and it happens only here, in the compile Job —
@@ -168,9 +168,9 @@ def _torchscript(archive: Path, work: Path, batch: DynamicBatch, limits: Limits)
             out = script(*probe)
         except Exception as exc:
             raise ArchiveError(f"the TorchScript module fails on inputs shaped as kiln.yaml says: {exc}") from exc
-    names = list(out) if isinstance(out, dict) else []
+    own = list(out) if isinstance(out, dict) else []  # a dict's keys are the module's own output names
     leaves = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else [out]
-    names = config.outputs or names or [f"output{i}" for i in range(len(leaves))]
+    names = config.outputs or own or [f"output{i}" for i in range(len(leaves))]
     if len(names) != len(leaves):
         raise ArchiveError(f"{bundle.CONFIG_NAME} names {len(names)} outputs, the module returns {len(leaves)}")
     # The batch is the one output dimension known to follow the inputs; TorchScript records no more.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +27,7 @@ log = logging.getLogger(__name__)
 LEAN = "lean"
 
 
-class ArrayFn(Protocol):
-    def __call__(self, arrays: list[np.ndarray], /) -> list[np.ndarray]: ...
+ArrayFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # host arrays in, host arrays out, synchronous
 
 
 class Pipeline(Protocol):
@@ -42,7 +42,7 @@ class Pipeline(Protocol):
 
 @dataclass
 class LoadedModel:
-    fn: ArrayFn  # numpy in, numpy out, synchronous
+    fn: ArrayFn
     signature: Signature
     batch_max: int
     loader: str

@@ -71,9 +71,14 @@ def _dlopen_global(path: Path) -> None:
         raise LeanUnavailable(f"cannot load {path.name}: {(libc.dlerror() or b'').decode()}")
 
 
+def cudart_path() -> str | None:
+    """CUDA's runtime library as libtorch_cuda loaded it (None: not loaded)."""
+    return next((p for p in mapped_libraries() if "libcudart.so" in p), None)
+
+
 def _cuda_context() -> None:
     """GPU 0's primary context, made now rather than inside the first model call."""
-    path = next((p for p in mapped_libraries() if "libcudart.so" in p), None)
+    path = cudart_path()
     if path is not None:
         cudart = ctypes.CDLL(path)
         cudart.cudaSetDevice(0)

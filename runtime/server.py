@@ -1,7 +1,9 @@
-"""`kiln-serve`: the Open Inference Protocol v2 over HTTP (uvicorn, FastAPI behind a fast front).
+"""kiln-serve's server: the Open Inference Protocol v2 over HTTP (uvicorn, FastAPI behind a fast front).
 
-Runtime layer 4 (HTTP). `FastFront` answers inference requests and health probes itself and passes every other
-request to the FastAPI application of kiln.runtime.routes, built once the model is ready.
+Runtime layer 4 (HTTP), started by kiln.runtime.serve. `FastFront` answers inference requests and health
+probes itself and passes every other request to the FastAPI application of kiln.runtime.routes, built once
+the model is ready. The model loads in a worker thread through kiln.runtime.loader, which imports torch only
+when the lean loader cannot serve the artifact.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kiln.manifest import Signature
+from kiln.runtime.loader import ArrayFn
 from kiln.runtime.tensors import example_arrays
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -29,7 +30,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 BY_TORCH: dict[torch.dtype, str] = {t: name for name, t in TORCH_DTYPES.items()}
 
 TensorFn = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
-ArrayFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
 
 def datatype_of(dtype: torch.dtype) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from kiln.manifest import PACKAGE_NAME, DimRange, Manifest, Signature
-from kiln.runtime.loader import JitArgs, LoadedModel, check_manifest, verify_files
+from kiln.runtime.loader import ArrayFn, JitArgs, LoadedModel, Pipeline, check_manifest, verify_files
 from kiln.runtime.torch_arrays import TensorFn, on_arrays
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def set_threads(threads: int, inter_op: int = 0) -> dict[str, int]:
     return {"intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads()}
 
 
-def serving(fn: TensorFn, signature: Signature, device: str) -> tuple[Callable[..., list], object | None]:
+def serving(fn: TensorFn, signature: Signature, device: str) -> tuple[ArrayFn, Pipeline | None]:
     """The model as LoadedModel holds it: a numpy function, and on a GPU the overlapping pipeline."""
     if device == "cpu":
         return on_arrays(fn, signature, device), None
@@ -98,16 +98,16 @@ def load_artifact(
             fn, loader = openvino_ir.load(folder, threads), "openvino"
         else:
             fn, loader = _torchscript(package, device), "torchscript"
-    call, pipeline = serving(fn, manifest.signature, device)
+    on_host, pipeline = serving(fn, manifest.signature, device)
     return LoadedModel(
-        call,
+        on_host,
         manifest.signature,
         manifest.batch_max,
         loader,
         device,
         manifest.batch_dim,
         pools,
-        pipeline,  # type: ignore[arg-type]
+        pipeline,
     )
 
 
@@ -168,4 +168,4 @@ def load_program(
     loader = "eager" if jit is None or jit.disable else ("jit" if jit.backend == "inductor" else f"jit-{jit.backend}")
     signature = signature or signature_of(program, batch_dim, DimRange(min=1, max=batch_max))
     on_host, pipeline = serving(run, signature, device)
-    return LoadedModel(on_host, signature, batch_max, loader, device, batch_dim, pipeline=pipeline)  # type: ignore[arg-type]
+    return LoadedModel(on_host, signature, batch_max, loader, device, batch_dim, pipeline=pipeline)
