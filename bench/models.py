@@ -7,6 +7,7 @@ with torch.export and a dynamic batch dimension.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +44,14 @@ def build(name: str) -> nn.Module:
     raise ValueError(name)
 
 
-def inputs(name: str, batch: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+def inputs(name: str, batch: int, device: str = "cpu", seq: int = SEQ) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(batch)
     if name == "mlp":
         out: tuple[torch.Tensor, ...] = example_models.examples("mlp", batch, seed=batch)
     elif name == "resnet50":
         out = (torch.randn(batch, 3, 224, 224, generator=g),)
     else:
-        out = (torch.randint(0, 30000, (batch, SEQ), generator=g), torch.ones(batch, SEQ, dtype=torch.int64))
+        out = (torch.randint(0, 30000, (batch, seq), generator=g), torch.ones(batch, seq, dtype=torch.int64))
     return tuple(t.to(device) for t in out)
 
 
@@ -58,10 +59,13 @@ def names(name: str) -> list[str]:
     return {"mlp": ["x", "y"], "resnet50": ["x"], "bert": ["input_ids", "attention_mask"]}[name]
 
 
-def export(name: str, path: Path, batch_max: int) -> Path:
+def export(name: str, path: Path, batch_max: int, seq: int | tuple[int, int] = SEQ) -> Path:
+    """The model as an ExportedProgram archive, batch dynamic; BERT at `seq` tokens, or dynamic over (min, max)."""
     model = build(name)
-    args = inputs(name, 2)
-    batch = torch.export.Dim("batch", min=1, max=batch_max)
-    program = torch.export.export(model, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False)
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=batch_max)}
+    if isinstance(seq, tuple):
+        dims[1] = torch.export.Dim("seq", min=seq[0], max=seq[1])
+    args = inputs(name, 2, seq=seq if isinstance(seq, int) else min(max(SEQ, seq[0]), seq[1]))
+    program = torch.export.export(model, args, dynamic_shapes=tuple(dims for _ in args), strict=False)
     torch.export.save(program, str(path))
     return path

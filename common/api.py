@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from kiln.enums import ArchiveFormat, CompileBackend, CompileMode, InductorMode, JitBackend
+
 GROUP = "kiln.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -59,38 +61,6 @@ class Strict(BaseModel):
     """Base for resource parts: camelCase on the wire, unknown fields refused."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
-
-
-class ArchiveFormat(StrEnum):
-    exported_program = "exported-program"
-    module_and_weights = "module-and-weights"
-    torchscript = "torchscript"
-    torchserve_mar = "torchserve-mar"
-
-
-class CompileBackend(StrEnum):
-    inductor = "inductor"
-    openvino = "openvino"
-
-
-class JitBackend(StrEnum):
-    inductor = "inductor"
-    aot_eager = "aot_eager"
-    eager = "eager"
-    cudagraphs = "cudagraphs"
-
-
-class CompileMode(StrEnum):
-    aot = "aot"
-    jit = "jit"
-    eager = "eager"
-
-
-class InductorMode(StrEnum):
-    default = "default"
-    reduce_overhead = "reduce-overhead"
-    max_autotune = "max-autotune"
-    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
 class ArchiveSpec(Strict):

@@ -148,18 +148,16 @@ class Manifest(BaseModel):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def corrupt_files(folder: Path, files: dict[str, str]) -> list[str]:
-    """The files under `folder` that are missing or differ from their sha256."""
+def corrupt_files(folder: Path, files: dict[str, str], hashed: Mapping[Path, str] | None = None) -> list[str]:
+    """The files under `folder` that are missing or differ from their sha256 (`hashed`: digests taken already)."""
+    hashed = hashed or {}
     bad = []
     for name, digest in sorted(files.items()):
         path = folder / name
-        if not path.is_file() or sha256_file(path) != digest:
+        if not path.is_file() or (hashed.get(path) or sha256_file(path)) != digest:
             bad.append(name)
     return bad

@@ -82,9 +82,11 @@ class DataPlane:
         return sizes[:1], sizes[1:] if model.device != "cpu" else []
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
-        """Call the model at each batch size once."""
+        """Call the model once at each batch size it has not run yet (the preload thread may have run batch 1)."""
         for rows in sizes:
-            model.fn(example_arrays(model.signature, {BATCH: rows}))
+            if rows not in model.warmed:
+                model.fn(example_arrays(model.signature, {BATCH: rows}))
+                model.warmed.add(rows)
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
 
     def max_rows(self, model: LoadedModel) -> int:

@@ -15,12 +15,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from kiln.manifest import Manifest, Signature, corrupt_files
+from kiln.manifest import BATCH, Manifest, Signature, corrupt_files
 from kiln.runtime.errors import ArtifactCorrupt, ArtifactMismatch
+from kiln.runtime.tensors import example_arrays
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LoadedModel:
     threads: dict[str, int] = field(default_factory=dict)
     pipeline: Pipeline | None = None  # GPU: the batcher overlaps copies, the model and answering
     fallback: str | None = None  # why the lean loader was not used
+    warmed: set[int] = field(default_factory=set)  # batch sizes already called once
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ def check_manifest(manifest: Manifest, device: str, torch_version: str, capabili
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
-    bad = corrupt_files(folder, files)
+    from kiln.runtime import preload
+
+    bad = corrupt_files(folder, files, preload.digests())  # the preload's hasher may have hashed them
     if bad:
         raise ArtifactCorrupt(
             f"{folder / bad[0]} does not match the sha256 in its manifest: the cached artifact is corrupt"
@@ -95,11 +99,12 @@ def load_artifact(
     manifest = Manifest.read(folder)
     reason = lean_refusal(manifest)
     if reason is None:
-        from kiln.runtime.preload import LeanUnavailable
+        from kiln.runtime import preload
 
         try:
-            return load_lean(folder, manifest, device, threads)
-        except LeanUnavailable as exc:
+            early = cast(LoadedModel | None, preload.model_for(folder, device, threads))
+            return early or load_lean(folder, manifest, device, threads)
+        except preload.LeanUnavailable as exc:
             reason = str(exc)
     if manifest.engine == "aotinductor":
         log.warning("not using the lean loader (%s): importing torch", reason)
@@ -120,6 +125,20 @@ def lean_refusal(manifest: Manifest) -> str | None:
     if not manifest.runner_so:
         return "the artifact has no extracted library"
     return None
+
+
+def open_lean(folder: Path, device: str, threads: int) -> LoadedModel | None:
+    """The lean model, opened and called once at batch 1 (None: the lean loader is not tried for it).
+
+    Run by kiln-serve's preload thread while the main thread imports the server: the first call
+    loads kernels and library workspaces (cuDNN, cuBLAS), C work that then overlaps those imports."""
+    manifest = Manifest.read(folder)
+    if lean_refusal(manifest) is not None:
+        return None
+    model = load_lean(folder, manifest, device, threads)
+    model.fn(example_arrays(model.signature, {BATCH: 1}))
+    model.warmed.add(1)
+    return model
 
 
 def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> LoadedModel:

@@ -1,22 +1,29 @@
-"""torch's shared libraries and a CUDA context, loaded in the background from kiln-serve's first line.
+"""torch's shared libraries, a CUDA context and the lean model, loaded in the background from kiln-serve's first line.
 
-Serve path, lean loader; imports nothing but the standard library. Loading libtorch
-(0.5 s on the H200) and creating a CUDA context (0.25 s) are C work; done by a thread
-through ctypes (`dlopen` called as a foreign function, so the GIL is free) they overlap
-the second of Python imports that bring up the HTTP server. The loader joins the thread
-before it opens the compiled library (kiln.runtime.loader.load_lean).
+Serve path, lean loader; imports nothing but the standard library at module level. Loading
+libtorch (0.5 s on the H200), creating a CUDA context (0.25 s), opening the compiled library
+and its first call (first kernels, cuDNN: 0.1-0.4 s) are C work; done by a thread through
+ctypes (`dlopen` called as a foreign function, so the GIL is free) they overlap the Python
+imports that bring up the HTTP server. The thread imports the loader (numpy, the manifest's
+pydantic models) only once the libraries are in: the main thread imports those too, and
+whichever gets there first pays once. The server's model load takes the thread's model
+(kiln.runtime.loader.load_artifact through `model_for`), or its failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
+RUNNER_DIR = "runner"  # kiln.manifest.RUNNER_DIR (that module brings pydantic)
 CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
 CUDA_LIBS = ("libc10_cuda.so", "libtorch_cuda.so")
 LAST_LIBS = ("libtorch.so",)
@@ -97,31 +104,78 @@ def load_torch_libraries(device: str, threads: int) -> None:
     lib = torch_dir() / "lib"
     for name in (*CPU_LIBS, *(CUDA_LIBS if device == "cuda" else ()), *LAST_LIBS):
         _dlopen_global(lib / name)
+    mark("torch libraries loaded")
     if device == "cuda":
         _cuda_context()
+        mark("CUDA context made")
 
 
 class Preload:
-    """load_torch_libraries in a thread; `wait()` re-raises what it raised."""
+    """In a thread: load_torch_libraries, then the lean model of `artifact` (warmed at batch 1).
 
-    def __init__(self, device: str, threads: int) -> None:
-        self.device, self.threads = device, threads
-        self.error: BaseException | None = None
+    `wait()` re-raises what the libraries' load raised; `model_for` what the model's did."""
+
+    def __init__(self, device: str, threads: int, artifact: Path | None = None) -> None:
+        self.device, self.threads, self.artifact = device, threads, artifact
+        self.error: BaseException | None = None  # the libraries did not load
+        self.model_error: BaseException | None = None  # they did; the model did not open
+        self.model: object | None = None  # a kiln.runtime.loader.LoadedModel
+        self.libraries = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
+        # The compiled library's sha256 (hundreds of MB for BERT) is checked before it is opened; hashlib
+        # frees the GIL, so a third thread hashes while libtorch loads.
+        self.digests: dict[Path, str] = {}
+        self.hasher = threading.Thread(target=self._hash_libraries, name="kiln-sha256", daemon=True)
+
+    def start(self) -> None:
+        self.hasher.start()
+        self.thread.start()
+
+    def _hash_libraries(self) -> None:
+        for so in sorted((self.artifact / RUNNER_DIR).glob("*.so")) if self.artifact else ():
+            with contextlib.suppress(OSError), so.open("rb") as fh:  # unreadable: the loader says so itself
+                self.digests[so] = hashlib.file_digest(fh, "sha256").hexdigest()
+        mark("compiled library hashed")
 
     def _run(self) -> None:
         try:
             load_torch_libraries(self.device, self.threads)
         except BaseException as exc:  # handed to whoever waits
             self.error = exc
+            return
+        finally:
+            self.libraries.set()
+        if self.artifact is None:
+            return
+        try:
+            from kiln.runtime.loader import open_lean
+
+            mark("loader imported")
+            self.model = open_lean(self.artifact, self.device, self.threads)
+            mark("model opened and called at batch 1")
+        except BaseException as exc:
+            self.model_error = exc
 
     def wait(self) -> None:
-        self.thread.join()
+        """The libraries are loaded (or their failure raised); from the thread itself too."""
+        self.libraries.wait()
         if self.error is not None:
             raise self.error
 
 
 _started: Preload | None = None
+_began = time.perf_counter()  # kiln-serve imports this module on its first line
+_marks: list[tuple[float, str]] = []
+
+
+def mark(what: str) -> None:
+    """Note that `what` just finished, for the start-up timeline kiln-serve logs once ready."""
+    _marks.append((time.perf_counter() - _began, what))
+
+
+def timeline() -> str:
+    """What finished when since kiln-serve's first line, in order: `0.31 s torch libraries loaded, …`."""
+    return ", ".join(f"{at:.2f} s {what}" for at, what in sorted(_marks))
 
 
 def start(argv: list[str]) -> Preload | None:
@@ -136,8 +190,8 @@ def start(argv: list[str]) -> Preload | None:
     if not lean or known.device not in ("", "cpu", "cuda"):
         return None
     threads = int(known.intra_op_threads) if str(known.intra_op_threads).isdigit() else 0
-    _started = Preload(known.device or "cpu", threads or cpu_limit())
-    _started.thread.start()
+    _started = Preload(known.device or "cpu", threads or cpu_limit(), Path(known.artifact))
+    _started.start()
     return _started
 
 
@@ -147,3 +201,25 @@ def wait(device: str, threads: int) -> None:
         _started.wait()
     else:
         load_torch_libraries(device, threads)
+
+
+def digests() -> dict[Path, str]:
+    """sha256 of the artifact's compiled libraries, hashed by the preload's hasher thread (empty: none ran)."""
+    if _started is None:
+        return {}
+    _started.hasher.join()
+    return _started.digests
+
+
+def model_for(artifact: Path, device: str, threads: int) -> object | None:
+    """The model the preload thread opened for this artifact, device and thread count (None: it opened none).
+
+    Re-raises what opening it raised, as loading it now would have."""
+    started = _started
+    if started is None or (started.artifact, started.device, started.threads) != (artifact, device, threads):
+        return None
+    started.thread.join()
+    started.wait()
+    if started.model_error is not None:
+        raise started.model_error
+    return started.model

@@ -1,9 +1,10 @@
 """kiln-serve's server: the Open Inference Protocol v2 over HTTP (uvicorn, FastAPI behind a fast front).
 
 Runtime layer 4 (HTTP), started by kiln.runtime.serve. `FastFront` answers inference requests and health
-probes itself and passes every other request to the FastAPI application of kiln.runtime.routes, built once
-the model is ready. The model loads in a worker thread through kiln.runtime.loader, which imports torch only
-when the lean loader cannot serve the artifact.
+probes itself and passes every other request to the FastAPI application of kiln.runtime.routes, built a
+second after the model is ready (or on the first request that needs it). The model loads in a worker thread
+through kiln.runtime.loader, which imports torch only when the lean loader cannot serve the artifact; on the
+lean path kiln-serve's preload thread has usually opened it already.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from kiln.runtime.errors import InvalidInput, KilnError, PayloadTooLarge
 from kiln.runtime.inference import InferAnswer, check_size, error_parts
 from kiln.runtime.loader import JitArgs, LoadedModel
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.preload import cpu_limit
+from kiln.runtime.preload import cpu_limit, mark, timeline
 from kiln.runtime.protocol import BINARY_HEADER
 from kiln.runtime.settings import ServeSettings, parse_settings
 
 log = logging.getLogger("kiln.serve")
 
+API_AFTER_READY_S = 1.0  # FastAPI is built this long after ready, or sooner on the first request it serves
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
@@ -41,7 +43,7 @@ class FastFront:
     """The ASGI application uvicorn runs. POST /v2/models/{name}/infer and the health probes are
     answered here, without FastAPI's per-request machinery (middleware stack, routing, dependency
     solving: about 40% of a small request's CPU in a profile); every other request goes to the
-    FastAPI application, which is imported and built in the background once the model is ready:
+    FastAPI application, which is imported and built in the background after the model is ready:
     a replica reports ready without paying for it. The ASGI lifespan starts the model's load."""
 
     HEALTH = {"/v2/health/live", "/v2/health/ready"}
@@ -68,7 +70,7 @@ class FastFront:
             await (await self.application())(scope, receive, send)
 
     async def application(self) -> ASGIApp:
-        """The FastAPI application, built in a worker thread on first need (or once the model is ready)."""
+        """The FastAPI application, built in a worker thread on first need (or a second after ready)."""
         if self.api is None:
             self.api = asyncio.ensure_future(asyncio.to_thread(self.build_api))
         return await asyncio.shield(self.api)
@@ -196,7 +198,7 @@ class App:
         self.asgi = FastFront(InferAnswer(self.plane, settings.max_body_bytes, self.metrics), self.api, self.load)
 
     def api(self) -> ASGIApp:
-        from kiln.runtime.routes import build_api  # FastAPI: imported once the model is ready
+        from kiln.runtime.routes import build_api  # FastAPI: imported after the model is ready
 
         return build_api(self.plane, self.metrics, self.asgi.answer)
 
@@ -215,6 +217,10 @@ class App:
             return
         self.plane.start()
         log.info("ready in %.2f s (model %s)", time.perf_counter() - start, self.plane.name)
+        mark("ready")
+        log.info("start-up: %s", timeline())
+        # Importing FastAPI holds the GIL for a few hundred ms: not while the first requests are answered.
+        await asyncio.sleep(API_AFTER_READY_S)
         await self.asgi.application()
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kiln.api import JitBackend
+from kiln.enums import JitBackend
 
 
 def _flag(text: str) -> bool:
