@@ -34,6 +34,7 @@ from bench.hardware import describe
 
 MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot"]
 LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot": "lean"}
+LOG_WORDS = ("loaded", "warmed up", "ready in", "Started server", "lean loader", "start-up")  # server log lines shown
 
 
 def free_port() -> int:
@@ -183,7 +184,7 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
         results[mode] = round(seconds, 2)
         print(f"[coldstart] {name} {mode}: ready in {seconds:.2f} s", flush=True)
         for line in (work / f"{name}-{mode}.log").read_text().splitlines():
-            if any(word in line for word in ("loaded", "warmed up", "ready in", "Started server", "lean loader")):
+            if any(word in line for word in LOG_WORDS):
                 print(f"[coldstart]     {line}", flush=True)
     if "aot" in modes:
         cmd = serve_command(

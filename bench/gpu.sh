@@ -15,6 +15,10 @@ cd $pkg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ -n "${LEAN_CHECK:-}" ]; then python3 -m bench.lean_check --device cuda 2>&1 | tee "$out/lean-check.log"; fi
 [ -n "${ONLY_CHECK:-}" ] && exit 0
+if [ -n "${SEQLEN:-}" ]; then  # BERT-base, mixed sequence lengths: dynamic vs fixed-length artifact
+  python3 -m bench.seqlen --device cuda --concurrency "${SEQLEN_C:-1,16,64}" --batch-max 64 --seconds "${SECONDS_EACH:-10}" --out "$out/seqlen-cuda.json" 2>&1 | tee "$out/seqlen.log"
+  exit 0
+fi
 python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
 [ -n "${SKIP_SERVING:-}" ] && exit 0
 serve=${SERVE_MODEL:-resnet50}
