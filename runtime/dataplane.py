@@ -17,10 +17,10 @@ import numpy as np
 from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
-from kiln.runtime.loader import LEAN, LoadedModel
+from kiln.runtime.loader import LoadedModel, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
-from kiln.runtime.tensors import example_arrays, from_rest, to_rest
+from kiln.runtime.tensors import from_rest, to_rest
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +69,11 @@ class DataPlane:
         self.model = model
 
     def warm_sizes(self, model: LoadedModel) -> tuple[list[int], list[int]]:
-        """Batch sizes to run before reporting ready, and after (in the model thread, ahead of any request).
-
-        A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
-        report ready. On a GPU the larger sizes still load kernels and library workspaces on first
-        use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
-        what any call costs, and warming batch 32 of BERT there would only hold the first requests
-        up for seconds. jit compiles per size: all sizes before ready."""
-        sizes = sorted({1, min(2, self.max_rows(model)), self.max_rows(model)})
-        if model.loader not in (LEAN, "runner", "package"):
-            return sizes, []
-        return sizes[:1], sizes[1:] if model.device != "cpu" else []
+        return warm_sizes(model, self.batching.max_batch_size)
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
-        """Call the model once at each batch size it has not run yet (the preload thread may have run batch 1)."""
-        for rows in sizes:
-            if rows not in model.warmed:
-                model.fn(example_arrays(model.signature, {BATCH: rows}))
-                model.warmed.add(rows)
+        """Call the model once at each batch size it has not run yet (the preload thread may have run them)."""
+        warm_up(model, sizes)
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
 
     def max_rows(self, model: LoadedModel) -> int:

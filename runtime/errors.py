@@ -71,6 +71,12 @@ class PayloadTooLarge(KilnError):
     reason = "PayloadTooLarge"
 
 
+class ModelFailed(KilnError):
+    """The model raised while computing a request's batch (HTTP 500; every request of that batch gets it)."""
+
+    reason = "ModelFailed"
+
+
 class Overloaded(KilnError):
     """The request queue is full (HTTP 503 with Retry-After)."""
 

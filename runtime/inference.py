@@ -1,22 +1,34 @@
 """Answering inference requests over HTTP, framework-free: body in, (status, payload, headers) out.
 
 Runtime layer 4 (HTTP side of the dataplane). Domain errors are mapped to codes in one
-place (`STATUS`), with the protocol's one error body `{"error": "..."}`. Used by the fast
+place (`STATUS`), with the protocol's one error body `{"error": "..."}`; an exception the
+model raises is a 500 with that body too (ModelFailed), counted like any answer. Used by the fast
 front (kiln.runtime.server) and by the FastAPI application (kiln.runtime.routes).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from pydantic import ValidationError as WireError
 
 from kiln.runtime.dataplane import DataPlane
-from kiln.runtime.errors import InvalidInput, KilnError, ModelNotFound, NotReady, Overloaded, PayloadTooLarge
+from kiln.runtime.errors import (
+    InvalidInput,
+    KilnError,
+    ModelFailed,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+)
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest
+
+log = logging.getLogger(__name__)
 
 STATUS: dict[type[KilnError], int] = {
     InvalidInput: 400,
@@ -108,6 +120,9 @@ class InferAnswer:
             result, chunks = await self.plane.infer(parsed, binary)
         except KilnError as exc:
             return error_parts(exc)
+        except Exception as exc:  # the model raised: a JSON 500 naming it, counted, and the server keeps serving
+            log.exception("model %s failed on a request", self.plane.name)
+            return error_parts(ModelFailed(f"model {self.plane.name!r} failed: {type(exc).__name__}: {exc}"))
         header = result.model_dump_json(exclude_none=True).encode()
         if not chunks:
             return 200, header, [("content-type", "application/json")]

@@ -127,17 +127,42 @@ def lean_refusal(manifest: Manifest) -> str | None:
     return None
 
 
-def open_lean(folder: Path, device: str, threads: int) -> LoadedModel | None:
-    """The lean model, opened and called once at batch 1 (None: the lean loader is not tried for it).
+def warm_sizes(model: LoadedModel, max_batch_size: int) -> tuple[list[int], list[int]]:
+    """Batch sizes to run before reporting ready, and after (in the model thread, ahead of any request).
 
-    Run by kiln-serve's preload thread while the main thread imports the server: the first call
-    loads kernels and library workspaces (cuDNN, cuBLAS), C work that then overlaps those imports."""
+    A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
+    report ready. On a GPU the larger sizes still load kernels and library workspaces on first
+    use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
+    what any call costs, and warming batch 32 of BERT there would only hold the first requests
+    up for seconds. jit compiles per size: all sizes before ready."""
+    rows = min(max_batch_size, model.batch_max)
+    sizes = sorted({1, min(2, rows), rows})
+    if model.loader not in (LEAN, "runner", "package"):
+        return sizes, []
+    return sizes[:1], sizes[1:] if model.device != "cpu" else []
+
+
+def warm_up(model: LoadedModel, sizes: list[int]) -> None:
+    """Call the model once at each batch size it has not run yet."""
+    for rows in sizes:
+        if rows not in model.warmed:
+            model.fn(example_arrays(model.signature, {BATCH: rows}))
+            model.warmed.add(rows)
+
+
+def open_lean(folder: Path, device: str, threads: int, max_batch_size: int) -> LoadedModel | None:
+    """The lean model, opened and called at every batch size warm_sizes names (None: the lean loader is
+    not tried for it).
+
+    Run by kiln-serve's preload thread while the main thread imports the server: the first calls
+    load kernels and library workspaces (cuDNN, cuBLAS), C work that then overlaps those imports,
+    and no request waits behind a warm-up once the replica is ready."""
     manifest = Manifest.read(folder)
     if lean_refusal(manifest) is not None:
         return None
     model = load_lean(folder, manifest, device, threads)
-    model.fn(example_arrays(model.signature, {BATCH: 1}))
-    model.warmed.add(1)
+    before, after = warm_sizes(model, max_batch_size)
+    warm_up(model, before + after)
     return model
 
 

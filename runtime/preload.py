@@ -1,27 +1,30 @@
-"""torch's shared libraries, a CUDA context and the lean model, loaded in the background from kiln-serve's first line.
+"""What a lean replica needs, loaded in background threads from kiln-serve's first line.
 
-Serve path, lean loader; imports nothing but the standard library at module level. Loading
-libtorch (0.5 s on the H200), creating a CUDA context (0.25 s), opening the compiled library
-and its first call (first kernels, cuDNN: 0.1-0.4 s) are C work; done by a thread through
-ctypes (`dlopen` called as a foreign function, so the GIL is free) they overlap the Python
-imports that bring up the HTTP server. The thread imports the loader (numpy, the manifest's
-pydantic models) only once the libraries are in: the main thread imports those too, and
-whichever gets there first pays once. The server's model load takes the thread's model
-(kiln.runtime.loader.load_artifact through `model_for`), or its failure.
+Serve path, lean loader; imports nothing but the standard library and the settings at module
+level. Loading libtorch (0.5 s on the H200), creating a CUDA context (0.15-0.25 s), hashing the
+compiled library, opening it and its first calls (first kernels, cuDNN: 0.1-0.4 s) are C work;
+done by threads through ctypes and hashlib, which free the GIL, they overlap the Python imports
+that bring up the HTTP server. The preload thread imports the loader (numpy, the manifest's
+pydantic models) once the libraries are in: the main thread imports those too, and whichever
+gets there first pays once. The server's model load takes the thread's model
+(kiln.runtime.loader.load_artifact through `model_for`), or its failure. `timeline()` is the
+start-up log line that says what finished when.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
 import importlib.util
+import mmap
 import os
 import re
 import threading
 import time
 from pathlib import Path
+
+from kiln.runtime.settings import ServeSettings
 
 RUNNER_DIR = "runner"  # kiln.manifest.RUNNER_DIR (that module brings pydantic)
 CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
@@ -83,13 +86,18 @@ def cudart_path() -> str | None:
     return next((p for p in mapped_libraries() if "libcudart.so" in p), None)
 
 
-def _cuda_context() -> None:
+def _cuda_context(path: str | None) -> None:
     """GPU 0's primary context, made now rather than inside the first model call."""
-    path = cudart_path()
     if path is not None:
         cudart = ctypes.CDLL(path)
         cudart.cudaSetDevice(0)
         cudart.cudaFree(None)
+
+
+def bundled_cudart() -> str | None:
+    """The CUDA runtime of torch's own nvidia wheels (on libtorch_cuda's RPATH), found before libtorch loads."""
+    found = sorted((torch_dir().parent / "nvidia").glob("*/lib/libcudart.so.[0-9]*"))
+    return str(found[-1]) if found else None
 
 
 def mapped_libraries() -> list[str]:
@@ -106,53 +114,70 @@ def load_torch_libraries(device: str, threads: int) -> None:
         _dlopen_global(lib / name)
     mark("torch libraries loaded")
     if device == "cuda":
-        _cuda_context()
-        mark("CUDA context made")
+        _cuda_context(cudart_path())  # made already where the preload found torch's bundled runtime
+        mark("CUDA context ready")
 
 
 class Preload:
-    """In a thread: load_torch_libraries, then the lean model of `artifact` (warmed at batch 1).
+    """Threads that load what a lean replica needs while the main thread imports the server.
 
-    `wait()` re-raises what the libraries' load raised; `model_for` what the model's did."""
+    kiln-preload: GPU 0's context (torch's bundled CUDA runtime), then — once `release()` says the
+    main thread's C extensions are in — torch's libraries, then the lean model of `artifact`,
+    called at each warm-up batch size. glibc lets one thread dlopen at a time and libtorch holds
+    that lock for half a second, so the main thread loads its own extension modules (numpy,
+    pydantic_core, _ssl) first. kiln-sha256: the compiled library's digest (hundreds of MB for
+    BERT), checked before it is opened. `wait()` re-raises what the libraries' load raised;
+    `model_for` what the model's did."""
 
-    def __init__(self, device: str, threads: int, artifact: Path | None = None) -> None:
-        self.device, self.threads, self.artifact = device, threads, artifact
+    def __init__(self, device: str, threads: int, artifact: Path, max_batch_size: int) -> None:
+        self.device, self.threads, self.artifact, self.max_batch_size = device, threads, artifact, max_batch_size
         self.error: BaseException | None = None  # the libraries did not load
         self.model_error: BaseException | None = None  # they did; the model did not open
         self.model: object | None = None  # a kiln.runtime.loader.LoadedModel
-        self.libraries = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
-        # The compiled library's sha256 (hundreds of MB for BERT) is checked before it is opened; hashlib
-        # frees the GIL, so a third thread hashes while libtorch loads.
+        self.libraries, self.released = threading.Event(), threading.Event()
         self.digests: dict[Path, str] = {}
+        self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
         self.hasher = threading.Thread(target=self._hash_libraries, name="kiln-sha256", daemon=True)
 
     def start(self) -> None:
         self.hasher.start()
         self.thread.start()
 
+    def release(self) -> None:
+        """The main thread has loaded its C extensions: torch's libraries may take the loader's lock."""
+        self.released.set()
+
     def _hash_libraries(self) -> None:
-        for so in sorted((self.artifact / RUNNER_DIR).glob("*.so")) if self.artifact else ():
-            with contextlib.suppress(OSError), so.open("rb") as fh:  # unreadable: the loader says so itself
-                self.digests[so] = hashlib.file_digest(fh, "sha256").hexdigest()
+        for so in sorted((self.artifact / RUNNER_DIR).glob("*.so")):
+            # One call, so one GIL release for the whole file: chunked reads would queue for the GIL
+            # behind the main thread's imports at every chunk. Errors: the loader reports them.
+            with (
+                contextlib.suppress(OSError, ValueError),
+                so.open("rb") as fh,
+                mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mapped,
+            ):
+                self.digests[so] = hashlib.sha256(mapped).hexdigest()
         mark("compiled library hashed")
 
     def _run(self) -> None:
         try:
+            if self.device == "cuda":
+                with contextlib.suppress(OSError):  # not bundled: made once libtorch_cuda brought its own
+                    _cuda_context(bundled_cudart())
+                    mark("CUDA context made")
+            self.released.wait()
             load_torch_libraries(self.device, self.threads)
         except BaseException as exc:  # handed to whoever waits
             self.error = exc
             return
         finally:
             self.libraries.set()
-        if self.artifact is None:
-            return
         try:
             from kiln.runtime.loader import open_lean
 
             mark("loader imported")
-            self.model = open_lean(self.artifact, self.device, self.threads)
-            mark("model opened and called at batch 1")
+            self.model = open_lean(self.artifact, self.device, self.threads, self.max_batch_size)
+            mark("model opened and warmed up")
         except BaseException as exc:
             self.model_error = exc
 
@@ -178,26 +203,29 @@ def timeline() -> str:
     return ", ".join(f"{at:.2f} s {what}" for at, what in sorted(_marks))
 
 
-def start(argv: list[str]) -> Preload | None:
-    """Start loading what an aot replica on the lean path will need, judged from its arguments."""
+def start(settings: ServeSettings) -> Preload | None:
+    """Start loading what an aot replica on the lean path will need (None: it will not take that path).
+
+    The libraries wait for `release()`."""
     global _started
-    p = argparse.ArgumentParser(add_help=False)
-    for name in ("mode", "artifact", "device", "intra-op-threads"):
-        env = os.environ.get("KILN_" + name.upper().replace("-", "_"), "")
-        p.add_argument(f"--{name}", default=env)
-    known, _ = p.parse_known_args(argv)
-    lean = os.environ.get("KILN_LOADER", "lean") == "lean" and (known.mode or "aot") == "aot" and known.artifact
-    if not lean or known.device not in ("", "cpu", "cuda"):
+    lean = os.environ.get("KILN_LOADER", "lean") == "lean" and settings.mode == "aot" and settings.artifact
+    if not lean or settings.device not in ("cpu", "cuda"):
         return None
-    threads = int(known.intra_op_threads) if str(known.intra_op_threads).isdigit() else 0
-    _started = Preload(known.device or "cpu", threads or cpu_limit(), Path(known.artifact))
+    threads = settings.intra_op_threads or cpu_limit()
+    _started = Preload(settings.device, threads, Path(settings.artifact), settings.max_batch_size)
     _started.start()
     return _started
+
+
+def release() -> None:
+    if _started is not None:
+        _started.release()
 
 
 def wait(device: str, threads: int) -> None:
     """torch's libraries loaded: by the preload thread if one ran for this device, else now."""
     if _started is not None and _started.device == device:
+        _started.release()
         _started.wait()
     else:
         load_torch_libraries(device, threads)
@@ -218,6 +246,7 @@ def model_for(artifact: Path, device: str, threads: int) -> object | None:
     started = _started
     if started is None or (started.artifact, started.device, started.threads) != (artifact, device, threads):
         return None
+    started.release()
     started.thread.join()
     started.wait()
     if started.model_error is not None:

@@ -1,15 +1,21 @@
 """`kiln-serve`'s entry point: start loading torch's libraries, then import and run the server.
 
-Serve path (standard library only until the server is imported). The preload thread
-(kiln.runtime.preload) loads libtorch, a CUDA context and the lean model, and calls it once,
+Serve path (standard library only until the server is imported). The preload threads
+(kiln.runtime.preload) make a CUDA context, load libtorch and the lean model and warm it up,
 while Python imports uvicorn, pydantic and numpy: a lean replica's ready time is the longer of
 the two, not their sum.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import sys
+
+# Modules whose import dlopens a C extension (numpy, pydantic_core, _ssl by way of asyncio, …), loaded
+# before libtorch: glibc lets one thread dlopen at a time and libtorch keeps that lock for half a second.
+EXTENSION_MODULES = ("numpy", "pydantic_core", "asyncio", "ssl", "socket", "select", "json", "httptools")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,13 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     # serve path never multiplies matrices with numpy, and torch's own pools are set apart.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from kiln.runtime import preload
+    from kiln.runtime.settings import parse_settings
 
-    preload.start(sys.argv[1:] if argv is None else argv)
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    preload.start(settings)
+    for name in EXTENSION_MODULES:
+        with contextlib.suppress(ImportError):  # httptools is optional (uvicorn then parses in Python)
+            importlib.import_module(name)
+    preload.release()
+    preload.mark("C extensions imported")
     from kiln.runtime import server
 
     preload.mark("server imported")
-
-    return server.main(argv)
+    return server.serve(settings)
 
 
 if __name__ == "__main__":

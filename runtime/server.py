@@ -225,7 +225,10 @@ class App:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(argv)
+    return serve(parse_settings(argv))
+
+
+def serve(settings: ServeSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = App(settings)
     config = uvicorn.Config(

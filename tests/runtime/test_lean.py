@@ -30,6 +30,9 @@ def test_an_aot_replica_is_ready_and_answers_without_importing_torch(compiled: d
     params = server.client.get("/v2/models/model").json()["parameters"]
     assert (params["loader"], params["torch_imported"], "loader_fallback" in params) == ("lean", False, False)
     assert 'kiln_model_loader{fallback="",loader="lean",model="model"} 1.0' in server.client.get("/metrics").text
+    # the preload threads opened and warmed the model while the server was imported
+    startup = next(line for line in server.log.read_text().splitlines() if "start-up:" in line)
+    assert "compiled library hashed" in startup and "model opened and warmed up" in startup, startup
 
 
 def test_torchs_runner_is_the_fallback_and_says_why(  # type: ignore[no-untyped-def]

@@ -280,3 +280,25 @@ def test_a_corrupted_artifact_is_detected_by_sha256_and_refused(  # type: ignore
     assert server.proc.wait(timeout=120) == 1
     assert "ArtifactCorrupt: " in server.log.read_text()  # the reason the operator recompiles on
     assert "cached artifact is corrupt" in server.log.read_text()
+
+
+def test_a_model_that_raises_answers_a_json_500_naming_it_and_keeps_serving(  # type: ignore[no-untyped-def]
+    serve, tmp_path: Path
+) -> None:
+    archive = models.export("encoder", tmp_path / "encoder.pt2")
+    server = serve("--mode=eager", f"--archive=file://{archive}", "--model-name=enc", timeout=300)
+
+    def infer(ids: torch.Tensor) -> httpx.Response:
+        body = {
+            "inputs": [
+                {"name": n, "shape": [1, 4], "datatype": "INT64", "data": t.flatten().tolist()}
+                for n, t in (("ids", ids), ("mask", torch.ones(1, 4, dtype=torch.int64)))
+            ]
+        }
+        return server.client.post("/v2/models/enc/infer", json=body)
+
+    failed = infer(torch.full((1, 4), models.TinyEncoder.VOCAB + 7))  # no such token: the embedding raises
+    assert failed.status_code == 500
+    assert failed.json()["error"].startswith("model 'enc' failed: IndexError: index out of range")
+    assert infer(torch.arange(4).reshape(1, 4)).status_code == 200
+    assert server.metric('kiln_requests_total{model="enc",status="500"}') == 1

@@ -136,9 +136,7 @@ def test_kiln_yaml_names_dynamic_dimensions_and_refuses_a_second_range_for_one_n
 
 def test_validation_covers_min_middle_and_max_of_each_dimension_one_at_a_time() -> None:
     spec = TensorSpec(name="ids", datatype="INT64", shape=[-1, -1], dims=["batch", "seq"])
-    sig = Signature(
-        inputs=[spec], outputs=[], dims={"batch": DimRange(min=1, max=8), "seq": DimRange(min=2, max=512)}
-    )
+    sig = Signature(inputs=[spec], outputs=[], dims={"batch": DimRange(min=1, max=8), "seq": DimRange(min=2, max=512)})
     points = validation_points(sig)
     assert [p["batch"] for p in points if p["seq"] == 2] == [1, 3, 4, 8]
     assert [p["seq"] for p in points if p["batch"] == 1] == [2, 257, 512]
