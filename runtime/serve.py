@@ -15,7 +15,19 @@ import sys
 
 # Modules whose import dlopens a C extension (numpy, pydantic_core, _ssl by way of asyncio, …), loaded
 # before libtorch: glibc lets one thread dlopen at a time and libtorch keeps that lock for half a second.
-EXTENSION_MODULES = ("numpy", "pydantic_core", "asyncio", "ssl", "socket", "select", "json", "httptools")
+EXTENSION_MODULES = (
+    "numpy",
+    "pydantic_core",
+    "asyncio",
+    "ssl",
+    "socket",
+    "select",
+    "json",
+    "queue",
+    "multiprocessing.connection",  # uvicorn's supervisors import it
+    "watchfiles",
+    "httptools",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     preload.start(settings)
     for name in EXTENSION_MODULES:
-        with contextlib.suppress(ImportError):  # httptools is optional (uvicorn then parses in Python)
+        with contextlib.suppress(ImportError):  # httptools and watchfiles are optional
             importlib.import_module(name)
     preload.release()
     preload.mark("C extensions imported")
