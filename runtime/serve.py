@@ -27,6 +27,11 @@ EXTENSION_MODULES = (
     "multiprocessing.connection",  # uvicorn's supervisors import it
     "watchfiles",
     "httptools",
+    "uuid",  # pydantic's types
+    "zoneinfo",
+    "csv",  # importlib.metadata, when a package looks up its entry points
+    "resource",
+    "uvloop",  # uvicorn's event loop where installed
 )
 
 
