@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from kiln.runtime.tensors import DATATYPES
+from kiln.runtime.dtypes import DATATYPES
 
 NP_BY_NAME = dict(DATATYPES)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs one benchmark with the project's environment: bash bench/run.sh coldstart --models mlp
-# (python -P keeps the repo root off the front of sys.path, where operator/ would shadow
-# the standard library; the root is appended for the bench/ and examples/ packages.)
+# (python -P keeps the repo root off the front of sys.path, so kiln is the installed copy;
+# the root is appended for the bench/ and examples/ packages.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash .ci/setup | tail -n 1)

@@ -3,6 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(bash .ci/setup | tail -n 1)
-# The repo root goes on sys.path last (for examples/), never first and never as PYTHONPATH:
-# a PYTHONPATH holding operator/ would shadow the standard library's `operator`.
+# The repo root goes on sys.path last, only for examples/: kiln itself is the installed copy.
 exec "$VENV/bin/python" -P -c 'import sys; sys.path.append("."); from examples.demo import main; sys.exit(main())'

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.runtime.dtypes import DATATYPES
 from kiln.runtime.preload import LeanUnavailable, cudart_path
-from kiln.runtime.tensors import DATATYPES
 
 # The shim function naming torch's code for each datatype (aoti_torch_dtype_<name>).
 SHIM_NAMES = {
@@ -44,6 +44,8 @@ NON_BLOCKING, NO_TIMING = 1, 2  # cudaStreamNonBlocking, cudaEventDisableTiming
 CC_MAJOR, CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor/Minor
 RELEASE_THRESHOLD = 4  # cudaMemPoolAttrReleaseThreshold
 _Int64s = ctypes.POINTER(ctypes.c_int64)
+# Model instances per container: on a GPU two, so one batch runs while the next is launched.
+MODELS_PER_CONTAINER = {"cpu": 1, "cuda": 2}
 
 
 def set_openmp_threads(threads: int) -> None:
@@ -173,9 +175,9 @@ class Container:
 class LeanCpu:
     """A compiled CPU library called on numpy arrays: inputs used where they lie, results copied out."""
 
-    def __init__(self, so: Path, datatypes: Sequence[str]) -> None:
+    def __init__(self, so: Path, datatypes: Sequence[str], container: Container | None = None) -> None:
         self.shim = Shim()
-        self.container = Container(so, "cpu", 1)
+        self.container = container or Container(so, "cpu", MODELS_PER_CONTAINER["cpu"])
         self.datatypes = list(datatypes)
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -260,10 +262,10 @@ class LeanCuda:
     """A compiled CUDA library called on numpy arrays, in three steps the batcher overlaps:
     `upload` (copy stream), `launch` (compute stream), `finish` (the answering thread)."""
 
-    def __init__(self, so: Path, datatypes: Sequence[str], num_models: int = 2) -> None:
+    def __init__(self, so: Path, datatypes: Sequence[str], container: Container | None = None) -> None:
         self.cuda = CudaRuntime()
         self.shim = Shim()
-        self.container = Container(so, "cuda", num_models)
+        self.container = container or Container(so, "cuda", MODELS_PER_CONTAINER["cuda"])
         self.datatypes = list(datatypes)
         self.copies, self.compute, self.downloads = self.cuda.stream(), self.cuda.stream(), self.cuda.stream()
         self.cuda.keep_pool()

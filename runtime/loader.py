@@ -21,7 +21,7 @@ import numpy as np
 
 from kiln.manifest import BATCH, Manifest, Signature, corrupt_files
 from kiln.runtime.errors import ArtifactCorrupt, ArtifactMismatch
-from kiln.runtime.tensors import example_arrays
+from kiln.runtime.tensors import zero_arrays
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def warm_up(model: LoadedModel, sizes: list[int]) -> None:
     """Call the model once at each batch size it has not run yet."""
     for rows in sizes:
         if rows not in model.warmed:
-            model.fn(example_arrays(model.signature, {BATCH: rows}))
+            model.fn(zero_arrays(model.signature, {BATCH: rows}))
             model.warmed.add(rows)
 
 
@@ -180,7 +180,9 @@ def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> Lo
         check_manifest(manifest, device, manifest.torch_version, aoti_shim.capability())
     datatypes = [s.datatype for s in manifest.signature.inputs]
     so = folder / manifest.runner_so
-    library: Any = aoti_shim.LeanCuda(so, datatypes) if device == "cuda" else aoti_shim.LeanCpu(so, datatypes)
+    container = cast(aoti_shim.Container | None, preload.container_for(so, device))  # opened early, or None
+    lean = aoti_shim.LeanCuda if device == "cuda" else aoti_shim.LeanCpu
+    library: Any = lean(so, datatypes, container)
     return LoadedModel(
         library,
         manifest.signature,

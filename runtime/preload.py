@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import hashlib
 import importlib.util
+import json
 import mmap
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from kiln.runtime.settings import ServeSettings
 
-RUNNER_DIR = "runner"  # kiln.manifest.RUNNER_DIR (that module brings pydantic)
+RUNNER_DIR, MANIFEST_NAME = "runner", "manifest.json"  # kiln.manifest's names (that module brings pydantic)
 CPU_LIBS = ("libc10.so", "libtorch_cpu.so")
 CUDA_LIBS = ("libc10_cuda.so", "libtorch_cuda.so")
 LAST_LIBS = ("libtorch.so",)
@@ -134,6 +135,8 @@ class Preload:
         self.error: BaseException | None = None  # the libraries did not load
         self.model_error: BaseException | None = None  # they did; the model did not open
         self.model: object | None = None  # a kiln.runtime.loader.LoadedModel
+        self.container: object | None = None  # a kiln.runtime.aoti_shim.Container, opened early
+        self.container_so: Path | None = None
         self.libraries, self.released = threading.Event(), threading.Event()
         self.digests: dict[Path, str] = {}
         self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
@@ -172,6 +175,7 @@ class Preload:
             return
         finally:
             self.libraries.set()
+        self.container = self._early_container()
         try:
             from kiln.runtime.loader import open_lean
 
@@ -180,6 +184,29 @@ class Preload:
             mark("model opened and warmed up")
         except BaseException as exc:
             self.model_error = exc
+
+    def _early_container(self) -> object | None:
+        """The compiled library opened and its model container made (weights loaded) while the main
+        thread still imports the loader's pydantic models (None: left to the loader).
+
+        Reads only the fields it needs from manifest.json and opens the library only if its sha256
+        matches; the loader validates the whole manifest (torch version, GPU) before any call."""
+        try:
+            raw = json.loads((self.artifact / MANIFEST_NAME).read_text())
+            so = self.artifact / str(raw["runner_so"])
+            if raw.get("engine") != "aotinductor" or raw.get("device") != self.device:
+                return None
+            self.hasher.join()
+            if self.digests.get(so) != raw.get("runner_so_sha256"):
+                return None  # the loader says which file is corrupt
+            from kiln.runtime.aoti_shim import MODELS_PER_CONTAINER, Container
+
+            container = Container(so, self.device, MODELS_PER_CONTAINER[self.device])
+        except Exception:  # the loader opens it again and reports what is wrong
+            return None
+        self.container_so = so
+        mark("compiled library opened")
+        return container
 
     def wait(self) -> None:
         """The libraries are loaded (or their failure raised); from the thread itself too."""
@@ -237,6 +264,15 @@ def digests() -> dict[Path, str]:
         return {}
     _started.hasher.join()
     return _started.digests
+
+
+def container_for(so: Path, device: str) -> object | None:
+    """The container the preload thread made for this library (taken: handed out once), or None."""
+    started = _started
+    if started is None or started.container_so != so or started.device != device:
+        return None
+    container, started.container = started.container, None
+    return container
 
 
 def model_for(artifact: Path, device: str, threads: int) -> object | None:

@@ -13,22 +13,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from kiln.manifest import Signature
+from kiln.runtime.dtypes import DATATYPES
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.protocol import RequestInput, ResponseOutput
 
-# v2 datatype → numpy dtype of its bytes on the wire (numpy has no bfloat16: its raw bits).
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "BF16": np.dtype(np.uint16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 # Binary tensors this well aligned in a writable body buffer are used where they lie (no copy).
 ALIGNMENT = 64
 
@@ -86,6 +74,11 @@ def to_rest(name: str, datatype: str, array: np.ndarray, binary: bool) -> tuple[
         return out, raw
     values = bf16_values(array) if datatype == "BF16" else array
     return ResponseOutput(name=name, datatype=datatype, shape=list(array.shape), data=values.reshape(-1).tolist()), None
+
+
+def zero_arrays(signature: Signature, sizes: Mapping[str, int]) -> list[np.ndarray]:
+    """Zeros matching the signature (warm-up calls: no random numbers to draw for a batch of 64 images)."""
+    return [np.zeros(signature.shape_at(spec, sizes), DATATYPES[spec.datatype]) for spec in signature.inputs]
 
 
 def example_arrays(signature: Signature, sizes: Mapping[str, int], seed: int = 0) -> list[np.ndarray]:

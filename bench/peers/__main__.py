@@ -48,7 +48,7 @@ def raw_row(name: str) -> bytes:
 
 
 def peer_env(name: str, work: Path) -> dict[str, str]:
-    # Only bench/ and examples/ on the path: the repo root holds operator/, which would shadow the stdlib.
+    # Only bench/ and examples/ on the path: the peers' own environments, nothing else of the repo.
     path = work / "pythonpath"
     path.mkdir(exist_ok=True)
     for package in ("bench", "examples"):
