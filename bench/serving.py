@@ -160,7 +160,14 @@ def in_process(
 
 
 def serve(
-    artifact: Path, device: str, model: str, batching: bool, log: Path, loader: str = "lean", batch_max: int = 64
+    artifact: Path,
+    device: str,
+    model: str,
+    batching: bool,
+    log: Path,
+    loader: str = "lean",
+    batch_max: int = 64,
+    intakes: int = -1,
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     batch = (
@@ -168,7 +175,9 @@ def serve(
         if batching
         else ["--max-batch-size=1", "--max-delay-ms=0"]
     )
-    cmd = serve_command(port, model, device, f"--artifact={artifact}", "--max-queue=4096", *batch)
+    cmd = serve_command(
+        port, model, device, f"--artifact={artifact}", "--max-queue=4096", f"--intake-processes={intakes}", *batch
+    )
     env = {**os.environ, "KILN_LOADER": loader}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     for _ in range(600):
@@ -183,6 +192,26 @@ def serve(
     raise TimeoutError(log.read_text()[-2000:])
 
 
+def intake_processes(port: int, model: str) -> int:
+    """How many intake processes the server runs (its model metadata says)."""
+    client = Client("127.0.0.1", port)
+    client.conn.request("GET", f"/v2/models/{model}")
+    return int(json.loads(client.conn.getresponse().read())["parameters"].get("intake_processes", 0))
+
+
+def empty_round_trip(port: int, seconds: float = 2.0) -> float:
+    """p50 ms of GET /v2/health/live on one keep-alive connection: the loopback HTTP floor of a request."""
+    client = Client("127.0.0.1", port)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        client.conn.request("GET", "/v2/health/live")
+        client.conn.getresponse().read()
+        times.append(time.perf_counter() - start)
+    return float(np.percentile(times, 50) * 1e3)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp")
@@ -190,6 +219,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,8,64")
     p.add_argument("--loaders", default="lean", help="KILN_LOADER values to compare, e.g. lean,runner")
+    p.add_argument(
+        "--intakes", default="0,-1", help="--intake-processes values to compare (0: one process; -1: kiln's default)"
+    )
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -199,27 +231,37 @@ def main() -> int:
     body, headers = encode(models.names(a.model), [t.numpy() for t in args])
     variants = answers(a.model, a.device, 8)
     rows = []
-    for loader, batching in itertools.product(a.loaders.split(","), (False, True)):
+    limits: dict[str, dict[int, dict[str, float]]] = {}
+    for loader, intakes, batching in itertools.product(
+        a.loaders.split(","), [int(n) for n in a.intakes.split(",")], (False, True)
+    ):
         os.environ["KILN_LOADER"] = loader  # in-process too: the same loader as the server's
-        if not batching:
-            limit = in_process(a.artifact, a.device, a.model, sorted({1, *[min(c, 64) for c in conc]}), a.seconds / 2)
-        log = Path(f"/tmp/serve-{loader}-{int(batching)}.log")
-        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader)
+        if loader not in limits:
+            batches = sorted({1, *[min(c, 64) for c in conc]})
+            limits[loader] = in_process(a.artifact, a.device, a.model, batches, a.seconds / 2)
+        limit = limits[loader]
+        log = Path(f"/tmp/serve-{loader}-{intakes}-{int(batching)}.log")
+        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader, intakes=intakes)
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
+            floor = empty_round_trip(port)
+            processes = intake_processes(port, a.model)
             for c in conc:
                 r = load(port, a.model, body, headers, c, a.seconds, variants=variants)
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
                     "batching": batching,
                     "loader": loader,
+                    "intake_processes": processes,
+                    "empty_p50_ms": floor,
                     "inproc_rows_per_s": base["rows_per_s"],
                     "ratio": r["rps"] / base["rows_per_s"],
                     "inproc_p50_ms": limit[1]["p50_ms"],
                 }
                 rows.append(r)
                 print(
-                    f"[serving] {loader} batching={batching} c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.2f} ms "
+                    f"[serving] {loader} intakes={processes} batching={batching} c={c}: {r['rps']:.0f} req/s "
+                    f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms) "
                     f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
                     flush=True,
                 )
@@ -228,15 +270,16 @@ def main() -> int:
             proc.wait()
     print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
     print(
-        "| loader | batching | concurrency | HTTP req/s | p50 ms | p99 ms | in-process rows/s (same batch) "
-        "| HTTP / in-process | in-process p50 ms (batch 1) | errors | wrong answers |"
+        "| loader | intake processes | batching | concurrency | HTTP req/s | p50 ms | p99 ms "
+        "| in-process rows/s (same batch) | HTTP / in-process | in-process p50 ms (batch 1) | empty request p50 ms "
+        "| errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['loader']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | {r['rps']:.0f} "
-            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} "
-            f"| {r['inproc_p50_ms']:.2f} | {r['errors']} | {r['wrong']} |"
+            f"| {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
+            f"| {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} "
+            f"| {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} | {r['errors']} | {r['wrong']} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +289,7 @@ def main() -> int:
                     "hardware": hardware,
                     "model": a.model,
                     "rows": rows,
-                    "in_process": {str(k): v for k, v in limit.items()},
+                    "in_process": {loader: {str(k): v for k, v in lim.items()} for loader, lim in limits.items()},
                 },
                 indent=2,
             )

@@ -8,7 +8,9 @@ a py-spy profile (docs/benchmarks.md §2). For an inference POST whose Content-L
 within the limit, `InferBodyProtocol` writes each piece once into a buffer of that length,
 aligned so the binary tensors after the JSON header can be used where they lie, and wakes
 the application once, when the body is complete. The application finds the buffer in
-`scope["extensions"]["kiln.body"]`; every other request is uvicorn's as usual.
+`scope["extensions"]["kiln.body"]`; every other request is uvicorn's as usual. In an intake
+process the buffer is a block of the shared arena (kiln.runtime.shm), so binary tensors reach
+the model process without another copy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiln.runtime.protocol import BINARY_HEADER
+from kiln.runtime.shm import Arena
 from kiln.runtime.tensors import ALIGNMENT
 
 BODY_EXTENSION = "kiln.body"
@@ -34,13 +37,23 @@ def infer_model(method: str, path: str) -> str | None:
 
 class BodyBuffer:
     """One request body of a known length, written piece by piece; byte `aligned_at` (where the
-    binary tensors start) falls on an ALIGNMENT boundary, so tensors can view it without a copy."""
+    binary tensors start) falls on an ALIGNMENT boundary, so tensors can view it without a copy.
+    In a block of `arena` when one is given and has room; `release()` gives the block back."""
 
-    def __init__(self, length: int, aligned_at: int = 0) -> None:
-        raw = np.empty(length + ALIGNMENT, dtype=np.uint8)  # untouched pages cost no memory yet
+    def __init__(self, length: int, aligned_at: int = 0, arena: Arena | None = None) -> None:
+        self.arena, self.block = arena, arena.alloc(length + ALIGNMENT) if arena is not None else None
+        if arena is not None and self.block is not None:
+            raw = arena.bytes[self.block : self.block + length + ALIGNMENT]
+        else:
+            raw = np.empty(length + ALIGNMENT, dtype=np.uint8)  # untouched pages cost no memory yet
         pad = -(raw.ctypes.data + aligned_at) % ALIGNMENT
         self.view: memoryview = raw[pad : pad + length].data
         self.length, self.filled = length, 0
+
+    def release(self) -> None:
+        if self.arena is not None and self.block is not None:
+            self.arena.free(self.block)
+            self.block = None
 
     def write(self, piece: bytes) -> None:
         end = min(self.filled + len(piece), self.length)  # the parser never passes more than Content-Length
@@ -56,6 +69,7 @@ class InferBodyProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol; inference bodies go straight into a BodyBuffer (see module doc)."""
 
     limit = 0  # largest body read this way; larger ones take uvicorn's path (and get a 413)
+    arena: Arena | None = None  # an intake process's shared arena
     body: BodyBuffer | None = None
 
     def on_message_begin(self) -> None:
@@ -72,7 +86,7 @@ class InferBodyProtocol(HttpToolsProtocol):
         if not length.isdigit() or not 0 < int(length) <= self.limit:
             return
         aligned_at = int(split) if split.isdigit() and int(split) <= int(length) else 0
-        self.body = BodyBuffer(int(length), aligned_at)
+        self.body = BodyBuffer(int(length), aligned_at, self.arena)
         scope.setdefault("extensions", {})[BODY_EXTENSION] = self.body  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
@@ -82,6 +96,7 @@ class InferBodyProtocol(HttpToolsProtocol):
             self.body.write(body)  # no wake-up per piece: on_message_complete wakes the application once
 
 
-def protocol_with_limit(limit: int) -> type[InferBodyProtocol]:
-    """The protocol class for uvicorn's `http` setting, reading bodies up to `limit` bytes into buffers."""
-    return type("InferBodyProtocol", (InferBodyProtocol,), {"limit": limit})
+def protocol_with_limit(limit: int, arena: Arena | None = None) -> type[InferBodyProtocol]:
+    """The protocol class for uvicorn's `http` setting, reading bodies up to `limit` bytes into buffers
+    (blocks of `arena` where given)."""
+    return type("InferBodyProtocol", (InferBodyProtocol,), {"limit": limit, "arena": arena})

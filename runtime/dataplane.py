@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel
 
 from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
@@ -43,18 +44,47 @@ def dynamic_note(spec: TensorSpec) -> str:
     return f" (-1: {', '.join(names)})" if names else ""
 
 
+class ModelInfo(BaseModel):
+    """What request checking and metadata need of a loaded model: all an intake process knows of it."""
+
+    signature: Signature
+    rows: int  # most rows per request and per model call
+    batch_dim: int
+    loader: str
+    fallback: str | None = None
+    threads: dict[str, int] = {}
+    torch_imported: bool  # in the process that runs the model
+
+    @classmethod
+    def of(cls, model: LoadedModel, max_batch_size: int) -> ModelInfo:
+        return cls(
+            signature=model.signature,
+            rows=min(max_batch_size, model.batch_max),
+            batch_dim=model.batch_dim,
+            loader=model.loader,
+            fallback=model.fallback,
+            threads=model.threads,
+            torch_imported="torch" in sys.modules,
+        )
+
+
 class DataPlane:
-    """One served model. `load()` runs in a worker thread; `ready` flips after warm-up."""
+    """One served model. `load()` runs in a worker thread; `ready` flips after warm-up.
+
+    `model` is set where the model runs; `info` wherever requests are checked (an intake process
+    has only `info`, from the model process's ready frame)."""
 
     def __init__(self, name: str, batching: BatchSettings, metrics: Metrics) -> None:
         self.name = name
         self.batching = batching
         self.metrics = metrics
         self.model: LoadedModel | None = None
+        self.info: ModelInfo | None = None
         self.batcher: Batcher | None = None
         self.ready = False
         self.draining = False  # shutting down: readiness off, requests still answered
         self.active = 0  # requests between arrival and answer: the batcher waits only if others may join
+        self.intakes = 0  # intake processes in front of the model process (0: this process serves HTTP)
 
     # -- loading -------------------------------------------------------------------
     def load(self, loader: Callable[[], LoadedModel]) -> None:
@@ -67,6 +97,7 @@ class DataPlane:
         self.warm_up(model, self.warm_sizes(model)[0])
         self.metrics.warmup_seconds.labels(self.name).set(time.perf_counter() - start)
         self.model = model
+        self.info = ModelInfo.of(model, self.batching.max_batch_size)
 
     def warm_sizes(self, model: LoadedModel) -> tuple[list[int], list[int]]:
         return warm_sizes(model, self.batching.max_batch_size)
@@ -75,9 +106,6 @@ class DataPlane:
         """Call the model once at each batch size it has not run yet (the preload thread may have run them)."""
         warm_up(model, sizes)
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
-
-    def max_rows(self, model: LoadedModel) -> int:
-        return min(self.batching.max_batch_size, model.batch_max)
 
     def start(self) -> None:
         """Called on the event loop once load() returned: start batching, report ready."""
@@ -89,9 +117,10 @@ class DataPlane:
         later = self.warm_sizes(model)[1]
         if model.pipeline is not None:  # copies overlap the model's work; another thread waits for results
             run, merge, finish = model.pipeline.launch, model.pipeline.upload, model.pipeline.finish
+        assert self.info is not None
         self.batcher = Batcher(
             run,
-            self.max_rows(model),
+            self.info.rows,
             self.batching.max_delay_ms / 1000,
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
@@ -111,30 +140,35 @@ class DataPlane:
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
 
     @property
-    def signature(self) -> Signature:
-        if self.model is None:
+    def loaded(self) -> ModelInfo:
+        if self.info is None:
             raise NotReady(f"model {self.name!r} is still loading")
-        return self.model.signature
+        return self.info
+
+    @property
+    def signature(self) -> Signature:
+        return self.loaded.signature
 
     def metadata(self) -> ModelMetadata:
-        sig = self.signature
-        assert self.model is not None
+        info = self.loaded
+        sig = info.signature
         return ModelMetadata(
             name=self.name,
             versions=["1"],
-            platform=f"kiln_{self.model.loader}",
+            platform=f"kiln_{info.loader}",
             inputs=[MetadataTensor(**s.model_dump()) for s in sig.inputs],
             outputs=[MetadataTensor(**s.model_dump()) for s in sig.outputs],
             parameters={
-                "max_batch_size": self.max_rows(self.model),
-                "batch_dim": self.model.batch_dim,
+                "max_batch_size": info.rows,
+                "batch_dim": info.batch_dim,
                 "dynamic_dims": {name: rng.model_dump() for name, rng in sig.dims.items()},
                 "input_dims": {s.name: s.dim_names() for s in sig.inputs},
                 "batchable": self.batching.batchable,
-                "loader": self.model.loader,
-                **({"loader_fallback": self.model.fallback} if self.model.fallback else {}),
-                "torch_imported": "torch" in sys.modules,
-                **self.model.threads,
+                "loader": info.loader,
+                **({"loader_fallback": info.fallback} if info.fallback else {}),
+                "torch_imported": info.torch_imported,
+                "intake_processes": self.intakes,
+                **info.threads,
             },
         )
 
@@ -143,7 +177,6 @@ class DataPlane:
     ) -> tuple[list[np.ndarray], int]:
         """Request tensors in signature order, and the batch size they share."""
         sig = self.signature
-        assert self.model is not None
         expected = {s.name: s for s in sig.inputs}
         given = {i.name: i for i in request.inputs}
         unknown = sorted(set(given) - set(expected))
@@ -172,15 +205,15 @@ class DataPlane:
 
     def _check_dim(self, tensor: str, index: int, name: str, size: int, seen: dict[str, tuple[int, str]]) -> None:
         """One dynamic dimension of a request: inside its range, and equal wherever the name recurs."""
-        assert self.model is not None
+        info = self.loaded
         if name == BATCH:
-            limit = self.max_rows(self.model)
+            limit = info.rows
             if not 1 <= size <= limit:
                 raise InvalidInput(
                     f"input {tensor!r} has batch size {size}, expected 1..{limit} (batch dimension {index})"
                 )
         else:
-            rng = self.model.signature.dims.get(name)
+            rng = info.signature.dims.get(name)
             if rng is not None and not rng.min <= size <= rng.max:
                 raise InvalidInput(
                     f"input {tensor!r} dimension {index} ({name}) is {size}, outside its range {rng}: "
@@ -198,15 +231,20 @@ class DataPlane:
     async def infer(
         self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
     ) -> tuple[InferenceResponse, list[bytes]]:
-        if not self.ready or self.batcher is None:
+        if not self.ready:
+            raise NotReady(f"model {self.name!r} is not ready")
+        tensors, rows = self.decode(request, binary)
+        return self.encode(request, await self.run(tensors, rows))
+
+    async def run(self, tensors: list[np.ndarray], rows: int) -> list[np.ndarray]:
+        """Checked tensors through the batcher and the model (in the model's process)."""
+        if self.batcher is None:
             raise NotReady(f"model {self.name!r} is not ready")
         self.active += 1
         try:
-            tensors, rows = self.decode(request, binary)
-            outputs = await self.batcher.submit(tensors, rows)
+            return await self.batcher.submit(tensors, rows)
         finally:
             self.active -= 1
-        return self.encode(request, outputs)
 
     def encode(self, request: InferenceRequest, outputs: list[np.ndarray]) -> tuple[InferenceResponse, list[bytes]]:
         specs = self.signature.outputs

@@ -1,7 +1,7 @@
 """Domain errors of the runtime, each carrying a one-line reason a user can act on.
 
 Compile errors end kiln-compile with that line on stderr and in the termination
-log; serve errors are mapped to HTTP codes in one place (server.py).
+log; serve errors are mapped to HTTP codes in one place (kiln.runtime.inference.STATUS).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ class ModelFailed(KilnError):
     """The model raised while computing a request's batch (HTTP 500; every request of that batch gets it)."""
 
     reason = "ModelFailed"
+
+    @classmethod
+    def of(cls, model: str, exc: Exception) -> ModelFailed:
+        return cls(f"model {model!r} failed: {type(exc).__name__}: {exc}")
 
 
 class Overloaded(KilnError):

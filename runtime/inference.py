@@ -122,7 +122,7 @@ class InferAnswer:
             return error_parts(exc)
         except Exception as exc:  # the model raised: a JSON 500 naming it, counted, and the server keeps serving
             log.exception("model %s failed on a request", self.plane.name)
-            return error_parts(ModelFailed(f"model {self.plane.name!r} failed: {type(exc).__name__}: {exc}"))
+            return error_parts(ModelFailed.of(self.plane.name, exc))
         header = result.model_dump_json(exclude_none=True).encode()
         if not chunks:
             return 200, header, [("content-type", "application/json")]

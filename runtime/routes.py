@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from kiln import __version__
 from kiln.runtime.dataplane import DataPlane
@@ -94,7 +94,7 @@ def build_api(plane: DataPlane, metrics: Metrics, answer: InferAnswer) -> FastAP
     async def prometheus() -> Response:
         if plane.batcher is not None:
             metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(KilnError)
     async def domain_error(_: Request, exc: KilnError) -> Response:

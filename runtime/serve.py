@@ -12,6 +12,12 @@ import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kiln.runtime.intake_pool import IntakePool
+    from kiln.runtime.settings import ServeSettings
 
 # Modules whose import dlopens a C extension (numpy, pydantic_core, _ssl by way of asyncio, …), loaded
 # before libtorch: glibc lets one thread dlopen at a time and libtorch keeps that lock for half a second.
@@ -42,17 +48,36 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.runtime import preload
     from kiln.runtime.settings import parse_settings
 
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    preload.start(settings)
-    for name in EXTENSION_MODULES:
-        with contextlib.suppress(ImportError):  # httptools and watchfiles are optional
-            importlib.import_module(name)
-    preload.release()
-    preload.mark("C extensions imported")
-    from kiln.runtime import server
+    args = sys.argv[1:] if argv is None else argv
+    settings = parse_settings(args)
+    with intakes(settings, args) as pool:
+        preload.start(settings)
+        for name in EXTENSION_MODULES:
+            with contextlib.suppress(ImportError):  # httptools and watchfiles are optional
+                importlib.import_module(name)
+        preload.release()
+        preload.mark("C extensions imported")
+        from kiln.runtime import server
 
-    preload.mark("server imported")
-    return server.serve(settings)
+        preload.mark("server imported")
+        return server.serve(settings, pool)
+
+
+@contextlib.contextmanager
+def intakes(settings: ServeSettings, args: list[str]) -> Iterator[IntakePool | None]:
+    """The intake processes the settings ask for, started before anything heavy is imported (None: none)."""
+    from kiln.runtime.intake_pool import IntakePool, intake_count
+    from kiln.runtime.preload import cpu_limit
+
+    count = intake_count(settings.intake_processes, cpu_limit())
+    if not count:
+        yield None
+        return
+    pool = IntakePool(count, settings.shm_bytes, args, settings.host, settings.port)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ probes itself and passes every other request to the FastAPI application of kiln.
 second after the model is ready (or on the first request that needs it). The model loads in a worker thread
 through kiln.runtime.loader, which imports torch only when the lean loader cannot serve the artifact; on the
 lean path kiln-serve's preload thread has usually opened it already.
+
+Two shapes: without intake processes one process serves HTTP and runs the model (`HttpServer` with
+`load_in_process`); with them (kiln.runtime.intake_pool) this process only loads the model and answers
+the intakes' frames (`serve_model_process`), and each intake runs an `HttpServer` of its own.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -32,6 +37,10 @@ from kiln.runtime.metrics import Metrics
 from kiln.runtime.preload import cpu_limit, mark, timeline
 from kiln.runtime.protocol import BINARY_HEADER
 from kiln.runtime.settings import ServeSettings, parse_settings
+
+if TYPE_CHECKING:
+    from kiln.runtime.intake_pool import IntakePool
+    from kiln.runtime.shm import Arena
 
 log = logging.getLogger("kiln.serve")
 
@@ -94,11 +103,14 @@ class FastFront:
         try:
             check_size(headers.get("content-length"), self.answer.limit)
             body = await self.read_body(scope, receive)
+            if body is not None:
+                await self.reply(send, *await self.answer(name, body, headers.get(BINARY_HEADER.lower())))
         except KilnError as exc:
             await self.reply(send, *error_parts(exc))
-            return
-        if body is not None:
-            await self.reply(send, *await self.answer(name, body, headers.get(BINARY_HEADER.lower())))
+        finally:
+            buffer: BodyBuffer | None = scope.get("extensions", {}).get(BODY_EXTENSION)
+            if buffer is not None:
+                buffer.release()  # after the answer: the model process reads tensors where they lie
 
     async def read_body(self, scope: dict[str, Any], receive: Any) -> bytes | memoryview | None:
         """The whole body (None: the client left): InferBodyProtocol's buffer, or the pieces joined."""
@@ -182,71 +194,128 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-class App:
-    """The server and its model: loads in the background so liveness answers at once."""
+async def load_plane(plane: DataPlane, settings: ServeSettings) -> str | None:
+    """Load the model in a worker thread, warm it and start batching; the failure's one-line reason, else None.
 
-    def __init__(self, settings: ServeSettings) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.plane = DataPlane(
-            settings.model_name,
-            BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable),
-            self.metrics,
-        )
+    A failure also goes to the termination log, where the operator reads it into the model's status."""
+    start = time.perf_counter()
+    try:
+        await asyncio.to_thread(plane.load, lambda: model_loader(settings))
+    except Exception as exc:
+        reason = f"{getattr(exc, 'reason', 'LoadFailed')}: {exc}".replace("\n", " ")
+        log.error("model failed to load: %s", reason)
+        with contextlib.suppress(OSError):
+            Path("/dev/termination-log").write_text(reason[:4000])
+        return reason
+    plane.start()
+    log.info("ready in %.2f s (model %s)", time.perf_counter() - start, plane.name)
+    mark("ready")
+    log.info("start-up: %s", timeline())
+    return None
+
+
+def batch_settings(settings: ServeSettings) -> BatchSettings:
+    return BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable)
+
+
+class HttpServer:
+    """uvicorn and the fast front around a dataplane: the whole server without intake processes, or one
+    intake process's server (kiln.runtime.intake) with a dataplane that forwards to the model process."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        plane: DataPlane,
+        metrics: Metrics,
+        startup: Callable[[HttpServer], Awaitable[None]],
+        arena: Arena | None = None,
+    ) -> None:
+        self.settings, self.plane, self.metrics, self.arena = settings, plane, metrics, arena
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
-        self.asgi = FastFront(InferAnswer(self.plane, settings.max_body_bytes, self.metrics), self.api, self.load)
+        self.asgi = FastFront(InferAnswer(plane, settings.max_body_bytes, metrics), self.api, lambda: startup(self))
 
     def api(self) -> ASGIApp:
         from kiln.runtime.routes import build_api  # FastAPI: imported after the model is ready
 
         return build_api(self.plane, self.metrics, self.asgi.answer)
 
-    async def load(self) -> None:
-        start = time.perf_counter()
-        try:
-            await asyncio.to_thread(self.plane.load, lambda: model_loader(self.settings))
-        except Exception as exc:
-            reason = f"{getattr(exc, 'reason', 'LoadFailed')}: {exc}".replace("\n", " ")
-            log.error("model failed to load: %s", reason)
-            self.failure = reason
-            with contextlib.suppress(OSError):
-                Path("/dev/termination-log").write_text(reason[:4000])
-            if self.server is not None:
-                self.server.should_exit = True
-            return
-        self.plane.start()
-        log.info("ready in %.2f s (model %s)", time.perf_counter() - start, self.plane.name)
-        mark("ready")
-        log.info("start-up: %s", timeline())
+    async def build_api_later(self) -> None:
         # Importing FastAPI holds the GIL for a few hundred ms: not while the first requests are answered.
         await asyncio.sleep(API_AFTER_READY_S)
         await self.asgi.application()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def run(self, sockets: list[socket.socket] | None = None) -> int:
+        settings = self.settings
+        config = uvicorn.Config(
+            self.asgi,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=settings.graceful_seconds,
+            access_log=False,
+            http=protocol_with_limit(settings.max_body_bytes, self.arena),
+            proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
+        )
+        self.server = DrainingServer(config, self.plane, settings.drain_seconds)
+        self.server.run(sockets=sockets)
+        if self.failure:
+            print(self.failure, file=sys.stderr)
+            return 1
+        return 0
+
+
+async def load_in_process(http: HttpServer) -> None:
+    """The lifespan start of a server without intake processes: load here, then build FastAPI."""
+    http.failure = await load_plane(http.plane, http.settings)
+    if http.failure:
+        http.stop()
+        return
+    await http.build_api_later()
+
+
+async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
+    """The model process in front of intake processes: load, tell them ready, answer their frames, drain."""
+    metrics = Metrics()
+    plane = DataPlane(settings.model_name, batch_settings(settings), metrics)
+    plane.intakes = pool.total
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.Event()
+    serving = asyncio.create_task(pool.serve(plane, metrics, ready))
+    loading = asyncio.create_task(load_plane(plane, settings))
+    await asyncio.wait({loading, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    failure = loading.result() if loading.done() else "stopped while loading"
+    if not failure:
+        ready.set()
+        await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping: draining %d intake processes", pool.total)
+    await pool.drain(settings.drain_seconds + settings.graceful_seconds + 5 if not failure else 5)
+    if plane.batcher is not None:
+        await plane.batcher.stop()
+    if failure:
+        print(failure, file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     return serve(parse_settings(argv))
 
 
-def serve(settings: ServeSettings) -> int:
+def serve(settings: ServeSettings, pool: IntakePool | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = App(settings)
-    config = uvicorn.Config(
-        app.asgi,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.graceful_seconds,
-        access_log=False,
-        http=protocol_with_limit(settings.max_body_bytes),
-        proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
-    )
-    app.server = DrainingServer(config, app.plane, settings.drain_seconds)
-    app.server.run()
-    if app.failure:
-        print(app.failure, file=sys.stderr)
-        return 1
-    return 0
+    if pool is not None:
+        return asyncio.run(serve_model_process(settings, pool))
+    metrics = Metrics()
+    plane = DataPlane(settings.model_name, batch_settings(settings), metrics)
+    return HttpServer(settings, plane, metrics, load_in_process).run()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ class ServeSettings:
     batchable: bool = opt(True, "false: never merge requests (each runs alone), for models whose inputs must not mix.")
     intra_op_threads: int = opt(0, "torch intra-op threads (OpenVINO: inference threads); 0: the pod's CPU limit.")
     inter_op_threads: int = opt(0, "torch inter-op threads; 0: torch's default.")
+    intake_processes: int = opt(
+        -1,
+        "Processes that accept HTTP and parse requests for the one model process (tensors pass through shared "
+        "memory); 0: none, the model process serves HTTP itself; -1: the pod's CPU limit less one, at most 8.",
+    )
+    shm_bytes: int = opt(256 << 20, "Shared memory per intake process for request tensors, and as much for answers.")
     drain_seconds: float = opt(
         0.0, "On SIGTERM, report not-ready and keep serving this long first, while endpoints drop the pod."
     )

@@ -21,14 +21,17 @@ from kiln.manifest import Manifest
 from tests.runtime.conftest import Artifact, Server
 
 
-def infer_json(server: Server, name: str, inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> httpx.Response:
-    body = {
+def json_body(inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> dict[str, object]:
+    return {
         "inputs": [
             {"name": n, "shape": list(t.shape), "datatype": "FP32", "data": t.flatten().tolist()}
             for n, t in zip(input_names, inputs, strict=True)
         ]
     }
-    return server.client.post(f"/v2/models/{name}/infer", json=body)
+
+
+def infer_json(server: Server, name: str, inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> httpx.Response:
+    return server.client.post(f"/v2/models/{name}/infer", json=json_body(inputs, input_names))
 
 
 def outputs_of(response: httpx.Response) -> list[torch.Tensor]:

@@ -15,7 +15,9 @@ from kiln.runtime.bodies import BodyBuffer, infer_model
 from kiln.runtime.bundle import parse_config
 from kiln.runtime.compile import validation_points
 from kiln.runtime.errors import ArchiveError
+from kiln.runtime.intake_pool import memfd
 from kiln.runtime.protocol import RequestInput
+from kiln.runtime.shm import Arena
 from kiln.runtime.tensors import ALIGNMENT, from_rest
 
 
@@ -141,3 +143,31 @@ def test_validation_covers_min_middle_and_max_of_each_dimension_one_at_a_time() 
     assert [p["batch"] for p in points if p["seq"] == 2] == [1, 3, 4, 8]
     assert [p["seq"] for p in points if p["batch"] == 1] == [2, 257, 512]
     assert {"batch": 8, "seq": 512} not in points  # never every maximum at once
+
+
+def test_a_shared_arena_reuses_freed_blocks_and_merges_neighbours() -> None:
+    arena = Arena(memfd("test-arena", 4096))
+    a, b, c = arena.alloc(100), arena.alloc(1000), arena.alloc(64)
+    assert (a, b, c) == (0, 128, 1152) and arena.alloc(4096) is None
+    arena.free(b)
+    assert arena.alloc(900) == 128  # first fit: the freed block comes back
+    arena.free(128)
+    arena.free(a)
+    arena.free(c)
+    arena.free(c)  # a repeated release is harmless
+    assert arena.used == 0 and arena.alloc(4096) == 0  # every block merged back into one run
+
+
+def test_arena_arrays_are_views_of_the_shared_memory_and_refs_are_checked() -> None:
+    fd = memfd("test-arena", 1 << 16)
+    owner, reader = Arena(fd), Arena(fd)  # two mappings of one memfd, as two processes hold it
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ref = owner.put(values)
+    assert ref is not None
+    seen = reader.array(ref)
+    np.testing.assert_array_equal(seen, values)
+    owner.array(ref)[0, 0] = 42.0
+    assert seen[0, 0] == 42.0 and reader.offset_of(seen) == ref[0]
+    with pytest.raises(ValueError, match="runs past the shared arena"):
+        reader.array((1 << 16, "<f4", [1]))
+    assert reader.offset_of(values) is None

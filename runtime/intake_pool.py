@@ -1,0 +1,193 @@
+"""The model process's intake processes: started first, replaced when one dies, drained on SIGTERM.
+
+Runtime layer 4 (beside the HTTP routes, but no HTTP here). With intake processes kiln-serve is one
+model process (the preload, the loader, the batcher, this pool) and N intake processes
+(kiln.runtime.intake) that accept connections on one listening socket the model process made. Each
+intake has a Unix socket pair for frames (kiln.runtime.frames) and two memfd arenas
+(kiln.runtime.shm): its own, for request tensors, and one the model process allocates its answers
+in. An intake that dies takes its connections with it: its clients see a closed connection, its
+requests still in the model are answered into its old arena (never a new intake's), and a
+replacement starts on a fresh socket pair and arenas.
+
+Spawning needs only the standard library: kiln-serve starts the intakes before numpy, pydantic
+or libtorch load, so they import in parallel with the model's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kiln.runtime import frames
+
+if TYPE_CHECKING:
+    from kiln.runtime.dataplane import DataPlane
+    from kiln.runtime.metrics import Metrics
+    from kiln.runtime.shm import Arena
+
+log = logging.getLogger("kiln.intakes")
+
+# What an intake inherits: fds of the listening socket, its frames, its request and answer arenas; its index; how many.
+INTAKE_ENV = "KILN_INTAKE"
+# prometheus_client's multiprocess mode: every process writes its values to files in this folder
+# (set before prometheus_client is imported anywhere); any intake's /metrics adds them up.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MAX_AUTO = 8
+
+
+def intake_count(requested: int, cpus: int) -> int:
+    """Intake processes to run: `requested`, or (-1) one per CPU of the pod beyond the model's, at most 8."""
+    return requested if requested >= 0 else max(0, min(MAX_AUTO, cpus - 1))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def memfd(name: str, size: int) -> int:
+    """Anonymous shared memory of `size` bytes; pages are committed only when written."""
+    fd = os.memfd_create(name, 0)  # without MFD_CLOEXEC: handed to the intake through pass_fds
+    os.ftruncate(fd, size)
+    return fd
+
+
+@dataclass
+class Intake:
+    index: int
+    proc: subprocess.Popen[bytes]
+    channel: socket.socket  # the model process's end of the frame socket pair
+    requests_fd: int
+    answers_fd: int
+
+
+class IntakePool:
+    def __init__(self, count: int, shm_bytes: int, argv: list[str], host: str, port: int) -> None:
+        # In /tmp: a writable emptyDir in kiln's pods, under a read-only root.
+        os.environ[METRICS_DIR_ENV] = self.metrics_dir = tempfile.mkdtemp(prefix="kiln-metrics-")
+        self.listener = listening_socket(host, port)
+        self.shm_bytes, self.argv = shm_bytes, argv
+        self.total = count
+        self.intakes = {i: self.spawn(i) for i in range(count)}
+        self.draining = False
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def spawn(self, index: int) -> Intake:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        requests = memfd(f"kiln-requests-{index}", self.shm_bytes)
+        answers = memfd(f"kiln-answers-{index}", self.shm_bytes)
+        fds = (self.listener.fileno(), theirs.fileno(), requests, answers)
+        env = {**os.environ, INTAKE_ENV: ",".join(map(str, (*fds, index, self.total)))}
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.runtime.intake", *self.argv], pass_fds=fds, env=env)
+        theirs.close()
+        return Intake(index, proc, ours, requests, answers)
+
+    # -- serving (on the model process's event loop) ----------------------------------------
+    async def serve(self, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
+        """Answer every intake's frames until drained, replacing intakes that die."""
+        await asyncio.gather(*(self.serve_slot(i, plane, metrics, ready) for i in list(self.intakes)))
+
+    async def serve_slot(self, index: int, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
+        while True:
+            intake = self.intakes[index]
+            await self.serve_intake(intake, plane, metrics, ready)
+            code = await asyncio.to_thread(intake.proc.wait)
+            self.forget(intake)
+            if self.draining:
+                return
+            log.warning("intake %d (pid %d) exited with %s; starting another", index, intake.proc.pid, code)
+            self.intakes[index] = self.spawn(index)
+
+    async def serve_intake(self, intake: Intake, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
+        # numpy (through shm) is imported by now: the model process needed it to load the model.
+        from kiln.runtime.shm import Arena
+
+        requests, answers = Arena(intake.requests_fd), Arena(intake.answers_fd)
+        reader, writer = await asyncio.open_unix_connection(sock=intake.channel)
+        await ready.wait()
+        assert plane.info is not None
+        writer.write(frames.encode({"kind": "ready", "info": plane.info.model_dump(mode="json")}))
+        while (frame := await frames.read(reader)) is not None:
+            if frame["kind"] == "infer":
+                task = asyncio.create_task(self.answer(frame, requests, answers, writer, plane, metrics))
+                self.pending.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self.pending.discard)
+            elif frame["kind"] == "release":
+                for block in frame["blocks"]:
+                    answers.free(block)
+        writer.close()
+
+    async def answer(
+        self,
+        frame: frames.Infer,
+        requests: Arena,
+        answers: Arena,
+        writer: asyncio.StreamWriter,
+        plane: DataPlane,
+        metrics: Metrics,
+    ) -> None:
+        from kiln.runtime.errors import KilnError, ModelFailed, Overloaded
+
+        start = time.perf_counter()
+        reply: frames.Answer | frames.Failed
+        try:
+            results = await plane.run([requests.array(ref) for ref in frame["inputs"]], frame["rows"])
+            refs = [answers.put(r) for r in results]
+            if any(ref is None for ref in refs):
+                for ref in refs:
+                    if ref is not None:
+                        answers.free(ref[0])
+                raise Overloaded("shared memory for answers is full; retry shortly (or raise --shm-bytes)")
+            reply = {"kind": "answer", "id": frame["id"], "outputs": [r for r in refs if r is not None]}
+        except KilnError as exc:
+            reply = {"kind": "failed", "id": frame["id"], "error": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # the model raised: the intake answers a JSON 500, this process keeps serving
+            log.exception("model %s failed on a request", plane.name)
+            failed = ModelFailed.of(plane.name, exc)
+            reply = {"kind": "failed", "id": frame["id"], "error": "ModelFailed", "message": str(failed)}
+        metrics.model_seconds.labels(plane.name).observe(time.perf_counter() - start)
+        if plane.batcher is not None:
+            metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
+        if not writer.is_closing():
+            writer.write(frames.encode(reply))
+
+    def forget(self, intake: Intake) -> None:
+        """A dead intake's fds go; its arenas' mappings go with the last array viewing them."""
+        for fd in (intake.requests_fd, intake.answers_fd):
+            os.close(fd)
+        intake.channel.close()
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(intake.proc.pid)
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM to every intake (each drains and finishes its requests), then wait for them to exit."""
+        self.draining = True
+        for intake in self.intakes.values():
+            with contextlib.suppress(ProcessLookupError):
+                intake.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for intake in self.intakes.values():
+            try:
+                await asyncio.to_thread(intake.proc.wait, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("intake %d did not exit in %.0f s; killing it", intake.index, timeout)
+                intake.proc.kill()
+        self.listener.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)

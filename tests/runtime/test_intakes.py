@@ -1,0 +1,141 @@
+"""kiln-serve with intake processes: HTTP parsed in processes without torch, tensors through shared memory
+to the one model process; an intake killed under load is replaced and no client gets another's rows."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from examples import models
+from tests.runtime.conftest import Artifact, Server
+from tests.runtime.test_serve import infer_json, json_body, outputs_of
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def wait_for(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def serve_mlp(compiled: dict[str, Artifact], serve, *extra: str) -> Server:  # type: ignore[no-untyped-def]
+    return serve(f"--artifact={compiled['mlp'].folder}", "--model-name=mlp", "--intake-processes=2", *extra)
+
+
+def test_intakes_answer_as_eager_and_never_load_torch(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve_mlp(compiled, serve, "--max-delay-ms=5")
+    meta = server.client.get("/v2/models/mlp").json()["parameters"]
+    assert meta["intake_processes"] == 2
+    intakes = children(server.proc.pid)
+    assert len(intakes) == 2 and not any(maps_torch(pid) for pid in intakes)
+    assert maps_torch(server.proc.pid)  # the model process has libtorch: the compiled library needs it
+    for batch in (1, 5, 16):
+        inputs = models.examples("mlp", batch, seed=batch)
+        got = outputs_of(infer_json(server, "mlp", inputs, ["x", "y"]))
+        for g, want in zip(got, models.eager("mlp", *inputs), strict=True):
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-3)
+    text = server.client.get("/metrics").text
+    assert 'kiln_requests_total{model="mlp",status="200"} 3.0' in text
+    assert "kiln_intake_seconds_count" in text and "kiln_model_seconds_count" in text
+
+
+def cases(count: int, seed: int) -> list[tuple[dict[str, object], list[torch.Tensor]]]:
+    """Request bodies of 1..4 rows and eager answers, made before any thread starts (the models' seeds are global)."""
+    out = []
+    for i in range(count):
+        inputs = models.examples("mlp", 1 + i % 4, seed=seed + i)
+        out.append((json_body(inputs, ["x", "y"]), models.eager("mlp", *inputs)))
+    return out
+
+
+def right(response: httpx.Response, want: list[torch.Tensor]) -> bool:
+    got = outputs_of(response)
+    return all(torch.allclose(g, w, atol=1e-4, rtol=1e-3) for g, w in zip(got, want, strict=True))
+
+
+def test_concurrent_requests_across_intakes_each_get_their_own_rows(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    server = serve_mlp(compiled, serve, "--max-delay-ms=5")
+
+    def one(case: tuple[dict[str, object], list[torch.Tensor]]) -> bool:
+        with httpx.Client(base_url=server.url, timeout=30) as client:  # a connection each: both intakes take some
+            return right(client.post("/v2/models/mlp/infer", json=case[0]), case[1])
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, cases(96, seed=100)))
+    assert server.metric("kiln_batch_requests_sum") == 96
+    assert server.metric("kiln_batch_requests_count") < 96  # requests from both intakes were merged
+
+
+def test_a_killed_intake_is_replaced_and_no_client_gets_another_requests_rows(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    server = serve_mlp(compiled, serve, "--max-delay-ms=2")
+    stop = threading.Event()
+    outcomes = {"right": 0, "wrong": 0, "failed": 0}
+    lock = threading.Lock()
+
+    known = cases(32, seed=1000)
+
+    def client(first: int) -> None:
+        k = first
+        while not stop.is_set():
+            body, want = known[k % len(known)]
+            k += 1
+            try:
+                with httpx.Client(base_url=server.url, timeout=30) as c:  # new connections reach both intakes
+                    response = c.post("/v2/models/mlp/infer", json=body)
+                ok = response.status_code == 200
+                kind = "right" if ok and right(response, want) else ("wrong" if ok else "failed")
+            except httpx.TransportError:
+                kind = "failed"  # the connection was on the killed intake: an error, never other rows
+            with lock:
+                outcomes[kind] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    victim = children(server.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children(server.proc.pid)) == 2 and victim not in children(server.proc.pid))
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert outcomes["wrong"] == 0, outcomes
+    assert outcomes["right"] > 50, outcomes
+    assert server.proc.poll() is None
+    wait_for(lambda: server.client.get("/v2/health/ready").status_code == 200)
+    inputs = models.examples("mlp", 2, seed=5)
+    got = outputs_of(infer_json(server, "mlp", inputs, ["x", "y"]))
+    torch.testing.assert_close(got[0], models.eager("mlp", *inputs)[0], atol=1e-4, rtol=1e-3)
+    assert "exited with -9; starting another" in server.log.read_text()
+
+
+def test_sigterm_drains_every_intake_then_exits(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve_mlp(compiled, serve, "--drain-seconds=2")
+    intakes = children(server.proc.pid)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert server.client.get("/v2/health/ready").status_code == 503  # draining: not ready, still answering
+    inputs = models.examples("mlp", 1, seed=3)
+    assert infer_json(server, "mlp", inputs, ["x", "y"]).status_code == 200
+    assert server.proc.wait(timeout=60) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in intakes)
