@@ -32,8 +32,10 @@ from bench import models
 from bench.client import Client, decode, encode
 from bench.hardware import describe
 
-MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot"]
-LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot": "lean"}
+MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot-single", "aot"]
+LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot-single": "lean", "aot": "lean"}
+# aot-single: the lean replica as one process (--intake-processes=0); aot: with its intake processes (the default)
+INTAKES = {"aot-single": "0"}
 LOG_WORDS = ("loaded", "warmed up", "ready in", "Started server", "lean loader", "start-up")  # server log lines shown
 
 
@@ -176,6 +178,8 @@ def run_model(name: str, device: str, work: Path, batch_max: int, timeout: float
         if mode.startswith("aot"):
             cmd.append(f"--artifact={artifact['path']}")
             env["KILN_LOADER"] = LOADERS[mode]
+            if mode in INTAKES:
+                env["KILN_INTAKE_PROCESSES"] = INTAKES[mode]
         else:
             cmd += [f"--mode={mode.split('-')[0]}", f"--archive=file://{archive}"]
         seconds = ready_seconds(
@@ -228,9 +232,9 @@ def import_breakdown(cmd: list[str], log: Path, top: int = 8) -> dict[str, float
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| model | eager | torch.compile cold | torch.compile warm | AOT, aoti_load_package | AOT, torch runner "
-        "| **AOT, Kiln lean** | lean vs eager | lean vs compile cold | lean vs torch runner | compile job (once) "
-        "| package |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| AOT, lean, one process | **AOT, Kiln lean** | lean vs eager | lean vs compile cold | lean vs torch runner "
+        "| compile job (once) | package |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         secs = {m: f"{r[m]:.2f} s" if m in r else "—" for m in MODES}
@@ -238,7 +242,7 @@ def table(results: dict[str, Any]) -> str:
         size = r["compile"]["package_bytes"] / 1e6
         lines.append(
             f"| {name} | {secs['eager']} | {secs['jit-cold']} | {secs['jit-warm']} | {secs['aot-package']} "
-            f"| {secs['aot-runner']} | **{secs['aot']}** | {faster['eager']} | {faster['jit-cold']} "
+            f"| {secs['aot-runner']} | {secs['aot-single']} | **{secs['aot']}** | {faster['eager']} | {faster['jit-cold']} "
             f"| {faster['aot-runner']} | {r['compile']['job_seconds']} s | {size:.1f} MB |"
         )
     for name, r in results.items():

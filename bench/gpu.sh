@@ -21,6 +21,7 @@ if [ -n "${SEQLEN:-}" ]; then  # BERT-base, mixed sequence lengths: dynamic vs f
 fi
 python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
 [ -n "${SKIP_SERVING:-}" ] && exit 0
-serve=${SERVE_MODEL:-resnet50}
-art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")
-python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda.json" ${SERVING_ARGS:-} 2>&1 | tee "$out/serving.log"
+for serve in $(echo "${SERVE_MODEL:-resnet50}" | tr , ' '); do
+  art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")
+  python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda-$serve.json" ${SERVING_ARGS:-} 2>&1 | tee "$out/serving-$serve.log"
+done

@@ -50,12 +50,13 @@ class ModelLink:
         self.channel, self.requests, self.answers = channel, requests, answers
         self.ids = itertools.count()
         self.waiting: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: frames.FrameWriter | None = None
         self.reading: asyncio.Task[None] | None = None
         self.building: asyncio.Task[None] | None = None
 
     async def start(self, plane: IntakePlane, http: HttpServer) -> None:
-        reader, self.writer = await asyncio.open_unix_connection(sock=self.channel)
+        reader, stream = await asyncio.open_unix_connection(sock=self.channel)
+        self.writer = frames.FrameWriter(stream)
         self.reading = asyncio.create_task(self.read(reader, plane, http))
 
     async def read(self, reader: asyncio.StreamReader, plane: IntakePlane, http: HttpServer) -> None:
@@ -96,7 +97,7 @@ class ModelLink:
     @contextlib.asynccontextmanager
     async def call(self, tensors: list[np.ndarray], rows: int) -> AsyncIterator[list[np.ndarray]]:
         """The model's outputs for one request, as views of the answer arena, released on exit."""
-        if self.writer is None or self.writer.is_closing():
+        if self.writer is None or self.writer.closed:
             raise NotReady("the model process is gone")
         blocks: list[int] = []
         try:
@@ -108,15 +109,14 @@ class ModelLink:
         key = next(self.ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.waiting[key] = (future, blocks)
-        self.writer.write(frames.encode({"kind": "infer", "id": key, "rows": rows, "inputs": refs}))
+        self.writer.send({"kind": "infer", "id": key, "rows": rows, "inputs": refs})
         frame = await future
         if frame["kind"] == "failed":
             raise error_of(frame)
         try:
             yield [self.answers.array(ref) for ref in frame["outputs"]]
         finally:
-            if not self.writer.is_closing():
-                self.writer.write(frames.encode({"kind": "release", "blocks": [r[0] for r in frame["outputs"]]}))
+            self.writer.send({"kind": "release", "blocks": [r[0] for r in frame["outputs"]]})
 
 
 class IntakePlane(DataPlane):

@@ -117,10 +117,11 @@ class IntakePool:
         from kiln.runtime.shm import Arena
 
         requests, answers = Arena(intake.requests_fd), Arena(intake.answers_fd)
-        reader, writer = await asyncio.open_unix_connection(sock=intake.channel)
+        reader, stream = await asyncio.open_unix_connection(sock=intake.channel)
+        writer = frames.FrameWriter(stream)
         await ready.wait()
         assert plane.info is not None
-        writer.write(frames.encode({"kind": "ready", "info": plane.info.model_dump(mode="json")}))
+        writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
                 task = asyncio.create_task(self.answer(frame, requests, answers, writer, plane, metrics))
@@ -136,7 +137,7 @@ class IntakePool:
         frame: frames.Infer,
         requests: Arena,
         answers: Arena,
-        writer: asyncio.StreamWriter,
+        writer: frames.FrameWriter,
         plane: DataPlane,
         metrics: Metrics,
     ) -> None:
@@ -162,8 +163,7 @@ class IntakePool:
         metrics.model_seconds.labels(plane.name).observe(time.perf_counter() - start)
         if plane.batcher is not None:
             metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
-        if not writer.is_closing():
-            writer.write(frames.encode(reply))
+        writer.send(reply)
 
     def forget(self, intake: Intake) -> None:
         """A dead intake's fds go; its arenas' mappings go with the last array viewing them."""

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's OpenBLAS starts a thread per core at import (tens of ms on a large node); the
     # serve path never multiplies matrices with numpy, and torch's own pools are set apart.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # OpenMP's workers spin between parallel regions by default: on a CPU replica they took the cores the
+    # event loop and the intake processes answer on (MLP, 2 cores, batching on: 1800 → 3100 req/s passive).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from kiln.runtime import preload
     from kiln.runtime.settings import parse_settings
 

@@ -305,6 +305,15 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
     return 0
 
 
+def fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where installed (as uvicorn picks it for the intakes), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     return serve(parse_settings(argv))
 
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: ServeSettings, pool: IntakePool | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if pool is not None:
-        return asyncio.run(serve_model_process(settings, pool))
+        with asyncio.Runner(loop_factory=fast_loop()) as runner:
+            return runner.run(serve_model_process(settings, pool))
     metrics = Metrics()
     plane = DataPlane(settings.model_name, batch_settings(settings), metrics)
     return HttpServer(settings, plane, metrics, load_in_process).run()
