@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Profiles kiln-serve under load with py-spy (on the GPU machine: after bench/gpu.sh has
-# installed the wheels and compiled resnet50). Prints where the server's threads spend time.
+# installed the wheels and compiled resnet50). Prints the CPU cores each part used (model
+# process, intake processes, load generator) and where the model process and one intake spend time.
 #   MODELS=resnet50 MODES=aot SKIP_SERVING=1 bash bench/gpu.sh && CONCURRENCY=64 bash bench/profile_serving.sh
 set -euo pipefail
 pkg=/tmp/kp; out=${OUT:-/tmp/out}
@@ -9,7 +10,7 @@ export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")  # see
 cd $pkg
 art=$(ls -d /var/tmp/kiln-bench/cache-resnet50/*/ | head -n 1)
 python3 -P -m kiln.runtime.serve --artifact "$art" --model-name resnet50 --device cuda --host 127.0.0.1 --port 18555 \
-  --max-batch-size 64 --max-delay-ms 1 > "$out/serve-profile.log" 2>&1 &
+  --max-batch-size 64 --max-delay-ms 1 --intake-processes "${INTAKES:--1}" > "$out/serve-profile.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do curl -sf 127.0.0.1:18555/v2/health/ready >/dev/null && break; sleep 0.2; done
 CONCURRENCY=${CONCURRENCY:-64} python3 - <<'PY' &
@@ -22,11 +23,36 @@ print(load(18555, "resnet50", body, headers, int(os.environ["CONCURRENCY"]), 14)
 PY
 load=$!
 sleep 3
-/tmp/site/bin/py-spy record -p $server -d 8 -r 200 -f raw -t --nonblocking -o "$out/profile.txt" > /dev/null 2>&1 || \
-  python3 -m py_spy record -p $server -d 8 -f raw -t --nonblocking -o "$out/profile.txt"
+intake=$(cat /proc/$server/task/$server/children | awk '{print $1}')
+spy() { /tmp/site/bin/py-spy record -p "$1" -d 8 -r 200 -f raw -t --nonblocking -o "$2" > /dev/null 2>&1; }
+spy $server "$out/profile.txt" &
+[ -n "$intake" ] && spy "$intake" "$out/profile-intake.txt" &
+python3 - $server $load <<'PY'
+import os, sys, time
+def tree(pid):
+    out = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in open(f"/proc/{pid}/task/{task}/children").read().split():
+            out += tree(int(child))
+    return out
+def cpu(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+server, load = map(int, sys.argv[1:])
+parts = {"model process": [server], "intake processes": tree(server)[1:], "load generator": tree(load)}
+before = {k: sum(cpu(p) for p in v) for k, v in parts.items()}
+time.sleep(8)
+print("CPU cores used over 8 s:", {k: round((sum(cpu(p) for p in parts[k]) - before[k]) / 8, 2) for k in parts})
+PY
 wait $load || true
 kill $server
-python3 - "$out/profile.txt" <<'PY'
+for f in "$out/profile.txt" "$out/profile-intake.txt"; do
+[ -f "$f" ] || continue
+echo "== $f"
+python3 - "$f" <<'PY'
 import sys
 from collections import Counter
 own, threads, total = Counter(), Counter(), 0
@@ -37,6 +63,7 @@ for line in open(sys.argv[1]):
     own[frames[-1][:160]] += int(n)
     threads[frames[0][:60]] += int(n)
 print("threads:", {k: f"{100*v/total:.0f}%" for k, v in threads.most_common(6)})
-for frame, n in own.most_common(30):
+for frame, n in own.most_common(25):
     print(f"{100*n/total:5.1f}% {frame}")
 PY
+done
