@@ -199,6 +199,19 @@ def intake_processes(port: int, model: str) -> int:
     return int(json.loads(client.conn.getresponse().read())["parameters"].get("intake_processes", 0))
 
 
+def batch_totals(port: int) -> tuple[float, float]:
+    """(rows, model calls) so far, from the server's kiln_batch_size histogram."""
+    client = Client("127.0.0.1", port)
+    client.conn.request("GET", "/metrics")
+    text = client.conn.getresponse().read().decode()
+    found = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"kiln_batch_size_{part}"):
+                found[part] = float(line.rsplit(" ", 1)[1])
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
 def empty_round_trip(port: int, seconds: float = 2.0) -> float:
     """p50 ms of GET /v2/health/live on one keep-alive connection: the loopback HTTP floor of a request."""
     client = Client("127.0.0.1", port)
@@ -247,7 +260,10 @@ def main() -> int:
             floor = empty_round_trip(port)
             processes = intake_processes(port, a.model)
             for c in conc:
+                rows_before, calls_before = batch_totals(port)
                 r = load(port, a.model, body, headers, c, a.seconds, variants=variants)
+                rows_after, calls_after = batch_totals(port)
+                r["mean_batch"] = (rows_after - rows_before) / max(1.0, calls_after - calls_before)
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
                     "batching": batching,
@@ -261,7 +277,7 @@ def main() -> int:
                 rows.append(r)
                 print(
                     f"[serving] {loader} intakes={processes} batching={batching} c={c}: {r['rps']:.0f} req/s "
-                    f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms) "
+                    f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms, mean batch {r['mean_batch']:.1f}) "
                     f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
                     flush=True,
                 )
@@ -270,16 +286,16 @@ def main() -> int:
             proc.wait()
     print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
     print(
-        "| loader | intake processes | batching | concurrency | HTTP req/s | p50 ms | p99 ms "
+        "| loader | intake processes | batching | concurrency | HTTP req/s | mean batch | p50 ms | p99 ms "
         "| in-process rows/s (same batch) | HTTP / in-process | in-process p50 ms (batch 1) | empty request p50 ms "
         "| errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
-            f"| {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['inproc_rows_per_s']:.0f} "
-            f"| {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} | {r['errors']} | {r['wrong']} |"
+            f"| {r['rps']:.0f} | {r['mean_batch']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} | {r['errors']} | {r['wrong']} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,8 @@ class CudaRuntime:
         ]
         self.lib.cudaEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.lib.cudaStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-        for name in ("cudaEventSynchronize", "cudaEventDestroy", "cudaStreamSynchronize"):
+        self.lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        for name in ("cudaEventSynchronize", "cudaEventDestroy", "cudaStreamSynchronize", "cudaHostUnregister"):
             getattr(self.lib, name).argtypes = [ctypes.c_void_p]
         _check(self.lib.cudaSetDevice(0), "select GPU 0")
 
@@ -334,6 +335,12 @@ class LeanCuda:
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One synchronous call (warm-up and validation)."""
         return self.finish(self.launch(self.upload([list(arrays)], 0)))
+
+    def pin(self, address: int, size: int) -> bool:
+        return bool(self.cuda.lib.cudaHostRegister(address, size, 0) == 0)
+
+    def unpin(self, address: int) -> None:
+        self.cuda.lib.cudaHostUnregister(address)
 
 
 def capability() -> str:

@@ -68,3 +68,9 @@ class CudaTransfers:
 
     def finish(self, launched: OnTheWay) -> list[np.ndarray]:
         return launched.wait()
+
+    def pin(self, address: int, size: int) -> bool:
+        return bool(torch.cuda.cudart().cudaHostRegister(address, size, 0) == 0)  # type: ignore[no-untyped-call]
+
+    def unpin(self, address: int) -> None:
+        torch.cuda.cudart().cudaHostUnregister(address)  # type: ignore[no-untyped-call]

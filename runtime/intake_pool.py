@@ -43,12 +43,19 @@ INTAKE_ENV = "KILN_INTAKE"
 # prometheus_client's multiprocess mode: every process writes its values to files in this folder
 # (set before prometheus_client is imported anywhere); any intake's /metrics adds them up.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-MAX_AUTO = 8
+# Chosen by measurement (docs/benchmarks.md §2): on the H200's 16 cores 4 intakes served ResNet-50 and BERT
+# as fast as 8 and start sooner; on 2 cores one intake beside the model process was slower than none.
+MAX_AUTO, MIN_CPUS = 4, 4
+# On a GPU the first bytes of each request arena are page-locked, so inputs go up by DMA without a
+# staging copy (first-fit allocation keeps most requests there); the rest stays pageable.
+PINNED_BYTES = 32 << 20
 
 
 def intake_count(requested: int, cpus: int) -> int:
-    """Intake processes to run: `requested`, or (-1) one per CPU of the pod beyond the model's, at most 8."""
-    return requested if requested >= 0 else max(0, min(MAX_AUTO, cpus - 1))
+    """Intake processes to run: `requested`, or (-1) one per CPU beyond the model's, at most 4, none below 4 CPUs."""
+    if requested >= 0:
+        return requested
+    return min(MAX_AUTO, cpus - 1) if cpus >= MIN_CPUS else 0
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -84,7 +91,6 @@ class IntakePool:
         self.total = count
         self.intakes = {i: self.spawn(i) for i in range(count)}
         self.draining = False
-        self.pending: set[asyncio.Task[None]] = set()
 
     def spawn(self, index: int) -> Intake:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -122,15 +128,21 @@ class IntakePool:
         await ready.wait()
         assert plane.info is not None
         writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
+        pipeline = plane.model.pipeline if plane.model is not None else None
+        pinned = pipeline is not None and pipeline.pin(requests.base, min(requests.size, PINNED_BYTES))
+        tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
                 task = asyncio.create_task(self.answer(frame, requests, answers, writer, plane, metrics))
-                self.pending.add(task)  # the loop keeps only weak references to tasks
-                task.add_done_callback(self.pending.discard)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             elif frame["kind"] == "release":
                 for block in frame["blocks"]:
                     answers.free(block)
         writer.close()
+        await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
+        if pinned and pipeline is not None:
+            pipeline.unpin(requests.base)
 
     async def answer(
         self,

@@ -40,6 +40,12 @@ class Pipeline(Protocol):
 
     def finish(self, launched: Any) -> list[np.ndarray]: ...
 
+    def pin(self, address: int, size: int) -> bool:
+        """Page-lock host memory that inputs are copied from (an intake's arena); False if the driver refused."""
+        ...
+
+    def unpin(self, address: int) -> None: ...
+
 
 @dataclass
 class LoadedModel:

@@ -61,7 +61,8 @@ class ServeSettings:
     intake_processes: int = opt(
         -1,
         "Processes that accept HTTP and parse requests for the one model process (tensors pass through shared "
-        "memory); 0: none, the model process serves HTTP itself; -1: the pod's CPU limit less one, at most 8.",
+        "memory); 0: none, the model process serves HTTP itself; -1: the pod's CPU limit less one, at most 4, "
+        "and none below 4 CPUs.",
     )
     shm_bytes: int = opt(256 << 20, "Shared memory per intake process for request tensors, and as much for answers.")
     drain_seconds: float = opt(
