@@ -295,7 +295,8 @@ def main() -> int:
         print(
             f"| {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
             f"| {r['rps']:.0f} | {r['mean_batch']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} | {r['errors']} | {r['wrong']} |"
+            f"| {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} "
+            f"| {r['errors']} | {r['wrong']} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
