@@ -130,6 +130,8 @@ class IntakePool:
         writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
         pipeline = plane.model.pipeline if plane.model is not None else None
         pinned = pipeline is not None and pipeline.pin(requests.base, min(requests.size, PINNED_BYTES))
+        if pipeline is not None:
+            log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
         tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
