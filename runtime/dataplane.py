@@ -186,7 +186,8 @@ class DataPlane:
                 f"inputs must be exactly {', '.join(describe(s) for s in sig.inputs)}; "
                 f"got {[i.name for i in request.inputs]}"
             )
-        tensors, seen = [], {}
+        tensors: list[np.ndarray] = []
+        seen: dict[str, tuple[int, str]] = {}
         for spec in sig.inputs:
             inp = given[spec.name]
             if inp.datatype != spec.datatype:

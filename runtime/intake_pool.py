@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from kiln.runtime import frames
 
@@ -135,7 +135,8 @@ class IntakePool:
         tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
-                task = asyncio.create_task(self.answer(frame, requests, answers, writer, plane, metrics))
+                infer = cast(frames.Infer, frame)
+                task = asyncio.create_task(self.answer(infer, requests, answers, writer, plane, metrics))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif frame["kind"] == "release":
@@ -186,7 +187,7 @@ class IntakePool:
         intake.channel.close()
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(intake.proc.pid)
+        multiprocess.mark_process_dead(intake.proc.pid)  # type: ignore[no-untyped-call]
 
     async def drain(self, timeout: float) -> None:
         """SIGTERM to every intake (each drains and finishes its requests), then wait for them to exit."""

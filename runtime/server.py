@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -58,7 +58,7 @@ class FastFront:
     HEALTH = {"/v2/health/live", "/v2/health/ready"}
 
     def __init__(
-        self, answer: InferAnswer, build_api: Callable[[], ASGIApp], startup: Callable[[], Awaitable[None]]
+        self, answer: InferAnswer, build_api: Callable[[], ASGIApp], startup: Callable[[], Coroutine[Any, Any, None]]
     ) -> None:
         self.answer, self.build_api, self.startup = answer, build_api, startup
         self.api: asyncio.Future[ASGIApp] | None = None
@@ -227,7 +227,7 @@ class HttpServer:
         settings: ServeSettings,
         plane: DataPlane,
         metrics: Metrics,
-        startup: Callable[[HttpServer], Awaitable[None]],
+        startup: Callable[[HttpServer], Coroutine[Any, Any, None]],
         arena: Arena | None = None,
     ) -> None:
         self.settings, self.plane, self.metrics, self.arena = settings, plane, metrics, arena
