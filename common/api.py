@@ -57,13 +57,13 @@ URI_RULES: list[tuple[str, str]] = [
 ]
 
 
-class Strict(BaseModel):
+class StrictModel(BaseModel):
     """Base for resource parts: camelCase on the wire, unknown fields refused."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
-class ArchiveSpec(Strict):
+class ArchiveSpec(StrictModel):
     """Where the model comes from."""
 
     model_config = ConfigDict(
@@ -106,7 +106,7 @@ class ArchiveSpec(Strict):
         return self
 
 
-class DynamicBatch(Strict):
+class DynamicBatch(StrictModel):
     """Range of the batch dimension the compiled model accepts."""
 
     model_config = ConfigDict(
@@ -134,7 +134,7 @@ class DynamicBatch(Strict):
         return self
 
 
-class JitOptions(Strict):
+class JitOptions(StrictModel):
     """torch.compile arguments for mode jit (the ones Triton's PyTorch backend exposes)."""
 
     fullgraph: Annotated[bool, Field(description="Fail instead of splitting the graph at unsupported code.")] = False
@@ -145,7 +145,7 @@ class JitOptions(Strict):
     disable: Annotated[bool, Field(description="Turn torch.compile off (serve eagerly) without changing mode.")] = False
 
 
-class CompileSpec(Strict):
+class CompileSpec(StrictModel):
     """How the model is compiled. Every field but `jit` is part of the cache key."""
 
     mode: Annotated[
@@ -228,7 +228,7 @@ GPU_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 CPU_TARGET = "cpu"
 
 
-class Target(Strict):
+class Target(StrictModel):
     """One hardware target: an artifact is compiled for it and pods are pinned to it."""
 
     gpu: Annotated[
@@ -246,7 +246,7 @@ class Target(Strict):
         return self.gpu == CPU_TARGET
 
 
-class Batching(Strict):
+class Batching(StrictModel):
     """Dynamic batching in each serving pod."""
 
     max_batch_size: Annotated[int, Field(ge=1, le=4096, description="Most rows merged into one model call.")] = 32
@@ -265,7 +265,7 @@ class Batching(Strict):
     ] = True
 
 
-class Threads(Strict):
+class Threads(StrictModel):
     """torch thread pools of each serving pod; 0 means from the pod's CPU limit."""
 
     intra_op: Annotated[int, Field(ge=0, le=256, description="torch.set_num_threads; 0: the CPU limit.")] = 0
@@ -283,14 +283,14 @@ ResourceMap = dict[
 ]
 
 
-class Resources(Strict):
+class Resources(StrictModel):
     """Requests and limits of each serving container (GPUs are added per target)."""
 
     requests: Annotated[ResourceMap, Field(default_factory=dict, description="cpu, memory, ephemeral-storage.")]
     limits: Annotated[ResourceMap, Field(default_factory=dict, description="cpu, memory, ephemeral-storage.")]
 
 
-class Serving(Strict):
+class Serving(StrictModel):
     """How serving pods run."""
 
     batching: Annotated[Batching, Field(default_factory=Batching, description="Dynamic batching.")]
@@ -308,7 +308,7 @@ class Serving(Strict):
     ] = 300
 
 
-class TorchModelSpec(Strict):
+class TorchModelSpec(StrictModel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
@@ -344,7 +344,7 @@ class TorchModelSpec(Strict):
         return self
 
 
-class Condition(Strict):
+class Condition(StrictModel):
     """A standard Kubernetes condition."""
 
     type: str
@@ -355,7 +355,7 @@ class Condition(Strict):
     observed_generation: int | None = None
 
 
-class TargetStatus(Strict):
+class TargetStatus(StrictModel):
     gpu: str
     key: Annotated[str | None, Field(description="Cache key of the artifact this target needs.")] = None
     artifact: Annotated[str | None, Field(description="CompiledArtifact name.")] = None
@@ -367,7 +367,7 @@ class TargetStatus(Strict):
     message: str = ""
 
 
-class TorchModelStatus(Strict):
+class TorchModelStatus(StrictModel):
     observed_generation: int | None = None
     phase: Annotated[str | None, Field(description="Summary: Compiling, Progressing, Ready, Failed.")] = None
     replicas: int = 0
@@ -377,7 +377,7 @@ class TorchModelStatus(Strict):
     conditions: list[Condition] = Field(default_factory=list)
 
 
-class TorchModel(Strict):
+class TorchModel(StrictModel):
     """A PyTorch model compiled once per hardware target and served over the Open Inference Protocol."""
 
     api_version: str = API_VERSION
@@ -397,7 +397,7 @@ class ArtifactPhase(StrEnum):
     failed = "Failed"
 
 
-class CompiledArtifactSpec(Strict):
+class CompiledArtifactSpec(StrictModel):
     key: Annotated[str, Field(pattern=SHA256_PATTERN, description="Cache key: sha256 of all compile inputs.")]
     archive: ArchiveSpec
     compile: CompileSpec
@@ -405,7 +405,7 @@ class CompiledArtifactSpec(Strict):
     runtime_image: Annotated[str, Field(max_length=512, description="Image that compiles and serves it.")]
 
 
-class CompiledArtifactStatus(Strict):
+class CompiledArtifactStatus(StrictModel):
     phase: ArtifactPhase = ArtifactPhase.pending
     path: str | None = None
     size_bytes: int | None = None
@@ -426,7 +426,7 @@ class CompiledArtifactStatus(Strict):
     unused_since: Annotated[str | None, Field(description="When the last TorchModel stopped using it.")] = None
 
 
-class CompiledArtifact(Strict):
+class CompiledArtifact(StrictModel):
     """One compiled artifact per cache key, shared by every TorchModel that needs it."""
 
     api_version: str = API_VERSION

@@ -42,7 +42,6 @@ from kiln.operator.settings import OperatorSettings
 
 log = logging.getLogger("kiln.operator")
 StatusT = TypeVar("StatusT", TorchModelStatus, CompiledArtifactStatus)
-MANAGED = {"app.kubernetes.io/managed-by": "kiln"}
 TM = {"group": GROUP, "version": VERSION, "plural": "torchmodels"}
 CA = {"group": GROUP, "version": VERSION, "plural": "compiledartifacts"}
 
@@ -114,26 +113,26 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluste
     def artifacts(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body.get("status") or {})}
 
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry, id="deployments")
+    @kopf.index("apps", "v1", "deployments", labels=naming.MANAGED_BY, registry=registry, id="deployments")
     def deployments(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("v1", "services", labels=MANAGED, registry=registry, id="services")
+    @kopf.index("v1", "services", labels=naming.MANAGED_BY, registry=registry, id="services")
     def services(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="jobs")
+    @kopf.index("batch", "v1", "jobs", labels=naming.MANAGED_BY, registry=registry, id="jobs")
     def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): plain(body)}
 
-    @kopf.index("v1", "pods", labels=MANAGED, registry=registry, id="pods")
+    @kopf.index("v1", "pods", labels=naming.MANAGED_BY, registry=registry, id="pods")
     def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         owner = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
         if owner is None:
             owner = f"{labels.get(naming.MODEL_LABEL)}/{labels.get(naming.TARGET_LABEL)}"
         return {(namespace, owner): plain(body)}
 
-    @kopf.index("v1", "pods", labels=MANAGED, registry=registry, id="corrupt")
+    @kopf.index("v1", "pods", labels=naming.MANAGED_BY, registry=registry, id="corrupt")
     def corrupt(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         """Serving pods that stopped because their artifact failed its sha256, by artifact."""
         key = annotations.get(naming.KEY_ANNOTATION)

@@ -35,7 +35,7 @@ class CompileError(KilnError):
     reason = "CompileFailed"
 
 
-class ValidationError(KilnError):
+class ValidationFailed(KilnError):
     reason = "ValidationFailed"
 
 

@@ -78,12 +78,6 @@ class InferenceResponse(BaseModel):
     outputs: list[ResponseOutput]
 
 
-class ErrorBody(BaseModel):
-    """The one error body shape, as the protocol gives it."""
-
-    error: str
-
-
 class ErrorResponse(BaseModel):
     """The body of every 4xx and 5xx answer: one line that says what was wrong and what was expected."""
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kiln.manifest import Validation
-from kiln.runtime.errors import ValidationError
+from kiln.runtime.errors import ValidationFailed
 
 
 def validate_in_child(
@@ -37,19 +37,19 @@ def validate_in_child(
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise ValidationError(f"loading the artifact did not finish within {timeout:.0f} s") from exc
+        raise ValidationFailed(f"loading the artifact did not finish within {timeout:.0f} s") from exc
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
-        raise ValidationError(
+        raise ValidationFailed(
             f"loading the compiled artifact crashed the process ({name}); it would crash every replica"
         )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValidationError(f"validation failed: {tail}")
+        raise ValidationFailed(f"validation failed: {tail}")
     result = json.loads(lines[-1])
     if result.get("error"):
-        raise ValidationError(result["error"])
+        raise ValidationFailed(result["error"])
     return Validation.model_validate(result["validation"])
 
 

@@ -206,10 +206,11 @@ def test_a_gpu_no_node_has_is_reported_instead_of_waiting_silently(
     kube: Kube, operator: Operator, mlp_archive: Path
 ) -> None:
     kube.apply(torchmodel("b200", f"file://{mlp_archive}", gpu="NVIDIA-B200"))
+    # The scheduler may first report the cache claim as unbound; once it binds, the node selector is the reason.
     st = kube.wait_for(
-        lambda: status(kube, "b200") if "no node can run" in json.dumps(status(kube, "b200")) else None,
-        60,
-        message="unschedulable reported",
+        lambda: status(kube, "b200") if "node affinity/selector" in json.dumps(status(kube, "b200")) else None,
+        120,
+        message="unschedulable reported with the node selector as the reason",
     )
     assert st["phase"] == "Degraded"
     degraded = next(c for c in st["conditions"] if c["type"] == "Degraded")

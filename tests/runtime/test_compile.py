@@ -12,7 +12,7 @@ import pytest
 
 from kiln.manifest import Manifest, corrupt_files
 from kiln.runtime import cache
-from kiln.runtime.errors import ValidationError
+from kiln.runtime.errors import ValidationFailed
 from kiln.runtime.validate import validate_in_child
 from tests.runtime.conftest import Artifact, compile_cmd
 
@@ -135,7 +135,7 @@ def test_a_library_that_crashes_on_load_fails_validation_instead_of_serving(
     manifest.model_copy(update={"runner_so_sha256": hashlib.sha256(so.read_bytes()).hexdigest()}).write(folder)
     reference = tmp_path / "reference.pt2"
     shutil.copy(compiled["mlp"].archive, reference)
-    with pytest.raises(ValidationError, match="crashed the process \\(SIGSEGV\\)"):
+    with pytest.raises(ValidationFailed, match="crashed the process \\(SIGSEGV\\)"):
         validate_in_child(folder, reference, "cpu", [1, 2], 1e-3, 1e-2, timeout=120)
 
 
