@@ -4,7 +4,9 @@ against the same compiled model called in-process (the limit).
     python -m bench.serving --model resnet50 --device cuda --artifact /var/tmp/kiln-bench/cache-resnet50/<key>
 
 Each client sends batch-1 requests with binary tensors over keep-alive connections,
-from several processes so the client is not the bottleneck.
+from several processes so the client is not the bottleneck. Each server shape is compared
+in one run: loaders (`--loaders`) and intake-process counts (`--intakes 0,4,-1`); rows also
+give the mean batch the model ran and the p50 of an empty request (the loopback floor).
 """
 
 from __future__ import annotations
