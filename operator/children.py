@@ -7,10 +7,11 @@ and no capabilities; serving pods mount the cache read-only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from kiln.api import API_VERSION, CompiledArtifact, CompileMode, RolloutStrategy, Target, TorchModel, json_ready
+from kiln.contracts import CompileFlags, ServeFlags
 from kiln.keys import compile_identity
 from kiln.operator import naming
 from kiln.operator.settings import OperatorSettings
@@ -88,28 +89,26 @@ def artifact(namespace: str, key: str, model: TorchModel, target: Target, settin
     }
 
 
-def compile_args(art: CompiledArtifact, device: str) -> list[str]:
+def compile_args(art: CompiledArtifact, device: Literal["cpu", "cuda"]) -> list[str]:
     spec = art.spec
-    args = [
-        f"--uri={spec.archive.uri}",
-        f"--format={spec.archive.format.value}",
-        f"--mode={spec.compile.mode.value}",
-        f"--backend={spec.compile.backend.value}",
-        f"--inductor-mode={spec.compile.inductor_mode.value}",
-        f"--batch-min={spec.compile.dynamic_batch.min}",
-        f"--batch-max={spec.compile.dynamic_batch.max}",
-        f"--batch-dim={spec.compile.dynamic_batch.dim}",
-        f"--device={device}",
-        f"--target={spec.target}",
-        f"--cache={CACHE_MOUNT}",
-        f"--key={spec.key}",
-        f"--runtime-image={spec.runtime_image}",
-        f"--pvc-root={PVC_ROOT}",
-    ]
-    if spec.archive.sha256:
-        args.append(f"--sha256={spec.archive.sha256}")
-    args += [f"--option={k}={v}" for k, v in sorted(spec.compile.options.items())]
-    return args
+    return CompileFlags(
+        uri=spec.archive.uri,
+        format=spec.archive.format,
+        mode=spec.compile.mode,
+        backend=spec.compile.backend,
+        inductor_mode=spec.compile.inductor_mode,
+        batch_min=spec.compile.dynamic_batch.min,
+        batch_max=spec.compile.dynamic_batch.max,
+        batch_dim=spec.compile.dynamic_batch.dim,
+        device=device,
+        target=spec.target,
+        cache=CACHE_MOUNT,
+        key=spec.key,
+        runtime_image=spec.runtime_image,
+        pvc_root=PVC_ROOT,
+        sha256=spec.archive.sha256,
+        option=spec.compile.options,
+    ).argv()
 
 
 def compile_job(
@@ -213,38 +212,32 @@ def _owner(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
 def _serve_args(model: TorchModel, name: str, target: Target, key: str | None, settings: OperatorSettings) -> list[str]:
     spec = model.spec
     batching, threads, jit = spec.serving.batching, spec.serving.threads, spec.compile.jit
-    args = [
-        f"--mode={spec.compile.mode.value}",
-        f"--model-name={name}",
-        f"--device={'cpu' if target.is_cpu else 'cuda'}",
-        "--host=$(POD_IP)",
-        f"--port={settings.serve_port}",
-        f"--max-batch-size={min(batching.max_batch_size, spec.compile.dynamic_batch.max)}",
-        f"--max-delay-ms={batching.max_delay_ms}",
-        f"--max-queue={batching.max_queue}",
-        f"--batchable={str(batching.batchable).lower()}",
-        f"--intra-op-threads={threads.intra_op}",
-        f"--inter-op-threads={threads.inter_op}",
-        f"--pvc-root={PVC_ROOT}",
-        f"--drain-seconds={DRAIN_SECONDS}",
-    ]
-    if key is not None:  # a compile Job built it: aot, or an archive prepared for jit/eager
-        args.append(f"--artifact={CACHE_MOUNT}/{key}")
-    else:
-        args.append(f"--archive={spec.archive.uri}")
-        args.append(f"--batch-dim={spec.compile.dynamic_batch.dim}")
-        if spec.archive.sha256:
-            args.append(f"--archive-sha256={spec.archive.sha256}")
-    if spec.compile.mode == CompileMode.jit:
-        dynamic = "auto" if jit.dynamic is None else str(jit.dynamic).lower()
-        args += [
-            f"--inductor-mode={spec.compile.inductor_mode.value}",
-            f"--jit-backend={jit.backend.value}",
-            f"--jit-fullgraph={str(jit.fullgraph).lower()}",
-            f"--jit-dynamic={dynamic}",
-            f"--jit-disable={str(jit.disable).lower()}",
-        ]
-    return args
+    is_jit = spec.compile.mode == CompileMode.jit
+    return ServeFlags(
+        mode=spec.compile.mode,
+        model_name=name,
+        device="cpu" if target.is_cpu else "cuda",
+        host="$(POD_IP)",
+        port=settings.serve_port,
+        max_batch_size=min(batching.max_batch_size, spec.compile.dynamic_batch.max),
+        max_delay_ms=batching.max_delay_ms,
+        max_queue=batching.max_queue,
+        batchable=batching.batchable,
+        intra_op_threads=threads.intra_op,
+        inter_op_threads=threads.inter_op,
+        pvc_root=PVC_ROOT,
+        drain_seconds=DRAIN_SECONDS,
+        # a compile Job built it (aot, or an archive prepared for jit/eager), else the archive itself
+        artifact=f"{CACHE_MOUNT}/{key}" if key is not None else None,
+        archive=spec.archive.uri if key is None else None,
+        batch_dim=spec.compile.dynamic_batch.dim if key is None else None,
+        archive_sha256=spec.archive.sha256 if key is None else None,
+        inductor_mode=spec.compile.inductor_mode if is_jit else None,
+        jit_backend=jit.backend if is_jit else None,
+        jit_fullgraph=jit.fullgraph if is_jit else None,
+        jit_dynamic=("auto" if jit.dynamic is None else "true" if jit.dynamic else "false") if is_jit else None,
+        jit_disable=jit.disable if is_jit else None,
+    ).argv()
 
 
 def deployment(

@@ -7,10 +7,11 @@ Running either twice on the same input gives the same output.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
 
 from kiln.api import (
     ArtifactPhase,
@@ -23,6 +24,7 @@ from kiln.api import (
     TorchModelStatus,
     needs_artifact,
 )
+from kiln.contracts import CompileSummary
 from kiln.keys import cache_key
 from kiln.manifest import CORRUPT_REASON
 from kiln.operator import children, naming
@@ -37,6 +39,8 @@ ARTIFACTS_READY, AVAILABLE, PROGRESSING, DEGRADED, READY = (
     "Ready",
 )
 NOT_NEEDED = "NotNeeded"
+# What a CompiledArtifact's status copies from kiln-compile's summary.
+SUMMARY_IN_STATUS = {"path", "size_bytes", "sha256", "compile_seconds", "torch_version", "dims"}
 
 
 def archive_identity(model: TorchModel) -> str:
@@ -285,15 +289,17 @@ def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
     return f"{failed.get('reason', 'Failed')}: {failed.get('message', 'compile job failed')}"
 
 
-def job_success(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The JSON summary kiln-compile leaves in the termination log when it succeeds."""
+def job_success(pods: list[dict[str, Any]]) -> CompileSummary | str | None:
+    """The summary kiln-compile left in the termination log of a pod that succeeded, None before
+    one has; a string saying why when that log cannot be read (e.g. a runtime image of another version).
+    """
     for pod in pods:
         state = _terminated(pod)
         if state and state.get("exitCode") == 0:
             try:
-                return dict(json.loads(state.get("message") or "{}"))
-            except json.JSONDecodeError:
-                return {}
+                return CompileSummary.model_validate_json(state.get("message") or "")
+            except ValidationError as exc:
+                return f"compiled, but its summary in the termination log is unreadable: {exc.errors()[0]['msg']}"
     return None
 
 
@@ -377,18 +383,14 @@ def reconcile_artifact(
         summary = job_success(pods) if job else None
         failure = job_failure(job, pods) if job else None
         if summary is not None and (job or {}).get("status", {}).get("succeeded"):
+            read = {} if isinstance(summary, str) else summary.model_dump(include=SUMMARY_IN_STATUS)
             status = status.model_copy(
                 update={
+                    **read,
                     "phase": ArtifactPhase.ready,
                     "ready_at": now,
                     "job": name,
-                    "message": summary.get("note") or "compiled",
-                    "path": summary.get("path"),
-                    "size_bytes": summary.get("sizeBytes"),
-                    "sha256": summary.get("sha256"),
-                    "compile_seconds": summary.get("compileSeconds"),
-                    "torch_version": summary.get("torchVersion"),
-                    "dims": summary.get("dims"),
+                    "message": summary if isinstance(summary, str) else summary.note or "compiled",
                 }
             )
         elif failure is not None:

@@ -13,7 +13,6 @@ On success the termination log holds a JSON summary (key, size, sha256, seconds)
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError as SpecError
 
 from kiln.api import ArchiveFormat, CompileBackend, CompileMode, CompileSpec, DynamicBatch, InductorMode
+from kiln.contracts import CompileSummary
 from kiln.keys import cache_key, key_inputs
 from kiln.manifest import BATCH, PACKAGE_NAME, RUNNER_DIR, Engine, Manifest, Signature, sha256_file
 from kiln.runtime import cache
@@ -307,21 +307,18 @@ def _build(engine: Engine, source: Source, reference: Path, staging: Path, args:
 
 def summary(manifest: Manifest, cache_dir: Path) -> str:
     """What the operator reads from the termination log on success (< 4 KiB)."""
-    return json.dumps(
-        {
-            "key": manifest.key,
-            "path": str(cache.artifact_dir(cache_dir, manifest.key)),
-            "sizeBytes": manifest.package_bytes,
-            "sha256": manifest.package_sha256,
-            "compileSeconds": manifest.compile_seconds,
-            "torchVersion": manifest.torch_version,
-            "deviceCapability": manifest.device_capability,
-            "engine": manifest.engine,
-            "dims": manifest.signature.describe_dims(),
-            "note": manifest.note,
-        },
-        separators=(",", ":"),
-    )
+    return CompileSummary(
+        key=manifest.key,
+        path=str(cache.artifact_dir(cache_dir, manifest.key)),
+        size_bytes=manifest.package_bytes,
+        sha256=manifest.package_sha256,
+        compile_seconds=manifest.compile_seconds,
+        torch_version=manifest.torch_version,
+        device_capability=manifest.device_capability,
+        engine=manifest.engine,
+        dims=manifest.signature.describe_dims(),
+        note=manifest.note,
+    ).to_json()
 
 
 def write_termination(path: Path, message: str) -> None:
