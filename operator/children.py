@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from kiln.api import API_VERSION, CompiledArtifact, CompileMode, RolloutStrategy, Target, TorchModel, json_ready
+from kiln.api import API_VERSION, CompiledArtifact, RolloutStrategy, Target, TorchModel, json_ready
 from kiln.contracts import CompileFlags, ServeFlags
+from kiln.enums import CompileMode
 from kiln.keys import compile_identity
 from kiln.operator import naming
 from kiln.operator.settings import OperatorSettings
@@ -77,7 +78,7 @@ def artifact(namespace: str, key: str, model: TorchModel, target: Target, settin
         "metadata": {
             "name": naming.artifact_name(key),
             "namespace": namespace,
-            "labels": {**naming.MANAGED_BY, naming.KEY_LABEL: key[:63], naming.TARGET_LABEL: naming.slug(target.gpu)},
+            "labels": naming.artifact_labels(key, target.gpu),
         },
         "spec": {
             "key": key,
@@ -118,7 +119,7 @@ def compile_job(
     target = Target(gpu=art.spec.target)
     selector, gpu_limits = _gpu_placement(target, settings)
     archive_volumes, archive_mounts = _archive_volume(art.spec.archive.uri)
-    labels = {**naming.MANAGED_BY, "app.kubernetes.io/name": "kiln-compile", naming.KEY_LABEL: art.spec.key[:63]}
+    labels = naming.compile_labels(art.spec.key)
     container = {
         "name": "compile",
         "image": art.spec.runtime_image,
@@ -247,13 +248,8 @@ def deployment(
     name = model.metadata["name"]
     namespace = model.metadata["namespace"]
     child = naming.child_name(name, target.gpu)
-    selector_labels = {naming.MODEL_LABEL: naming.label_value(name), naming.TARGET_LABEL: naming.slug(target.gpu)[:63]}
-    labels = {
-        **naming.MANAGED_BY,
-        "app.kubernetes.io/name": "kiln-serve",
-        "app.kubernetes.io/instance": naming.label_value(name),
-        **selector_labels,
-    }
+    selector_labels = naming.serving_selector(name, target.gpu)
+    labels = naming.serving_labels(name, target.gpu)
     node_selector, gpu_limits = _gpu_placement(target, settings)
     archive_volumes, archive_mounts = _archive_volume(model.spec.archive.uri)
     jit = model.spec.compile.mode == CompileMode.jit
@@ -357,14 +353,11 @@ def service(model: TorchModel, target: Target, owner_uid: str, settings: Operato
         "metadata": {
             "name": naming.child_name(name, target.gpu),
             "namespace": model.metadata["namespace"],
-            "labels": {**naming.MANAGED_BY, "app.kubernetes.io/instance": naming.label_value(name)},
+            "labels": naming.instance_labels(name),
             "ownerReferences": [_owner(API_VERSION, "TorchModel", name, owner_uid)],
         },
         "spec": {
-            "selector": {
-                naming.MODEL_LABEL: naming.label_value(name),
-                naming.TARGET_LABEL: naming.slug(target.gpu)[:63],
-            },
+            "selector": naming.serving_selector(name, target.gpu),
             "ports": [{"name": "http", "port": settings.serve_port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -62,7 +62,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 
 def _property(child: dict[str, Any], defs: dict[str, Any], required: bool) -> dict[str, Any]:
-    schema = _structural(child, defs)
+    schema: dict[str, Any] = _structural(child, defs)
     # An omitted nested object defaults to its fields' defaults, so the API server fills them in.
     if schema.get("type") == "object" and "properties" in schema and not required and "default" not in schema:
         schema["default"] = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
@@ -179,7 +179,7 @@ def generate() -> dict[str, dict[str, Any]]:
 
 def render(obj: dict[str, Any]) -> str:
     header = "# Generated from common/api.py (kiln.api) by `kiln-crds crds`; do not edit.\n"
-    return header + yaml.safe_dump(obj, sort_keys=False, width=120)
+    return header + str(yaml.safe_dump(obj, sort_keys=False, width=120))
 
 
 def main(argv: list[str] | None = None) -> int:

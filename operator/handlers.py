@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -28,7 +30,7 @@ from kiln.api import (
     json_ready,
 )
 from kiln.operator import children, naming
-from kiln.operator.k8s import Cluster, NamespaceTerminating, plain
+from kiln.operator.k8s import NamespaceTerminating, Writer, plain
 from kiln.operator.reconcile import (
     ObservedTarget,
     corruption_report,
@@ -42,8 +44,8 @@ from kiln.operator.settings import OperatorSettings
 
 log = logging.getLogger("kiln.operator")
 StatusT = TypeVar("StatusT", TorchModelStatus, CompiledArtifactStatus)
-TM = {"group": GROUP, "version": VERSION, "plural": "torchmodels"}
-CA = {"group": GROUP, "version": VERSION, "plural": "compiledartifacts"}
+PostEvent = Callable[[kopf.Body, str, str, str], None]  # body, type, reason, message
+TM, CA = "torchmodels", "compiledartifacts"
 
 
 def now() -> str:
@@ -80,7 +82,9 @@ def patch_status(patch: kopf.Patch, body: kopf.Body, status: TorchModelStatus | 
         patch.status.update(wanted)
 
 
-def invalid_spec(patch: kopf.Patch, body: kopf.Body, error: ValidationError) -> kopf.PermanentError:
+def invalid_spec(
+    patch: kopf.Patch, body: kopf.Body, error: ValidationError, post_event: PostEvent
+) -> kopf.PermanentError:
     """Report a spec the schema let through but the models refuse (e.g. a CEL-free rule)."""
     first_error = error.errors()[0]
     where = ".".join(str(p) for p in first_error["loc"])
@@ -91,183 +95,211 @@ def invalid_spec(patch: kopf.Patch, body: kopf.Body, error: ValidationError) -> 
     patch.status["phase"] = "Failed"
     patch.status["conditions"] = [json_ready(condition)]
     patch.status["observedGeneration"] = body.metadata.get("generation")
-    kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+    post_event(body, "Warning", "InvalidSpec", message)
     return kopf.PermanentError(message)
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, cluster: Cluster) -> None:
-    """Register every handler and index on `registry`, bound to these settings."""
-    claims: set[str] = set()
+def kopf_event(body: kopf.Body, kind: str, reason: str, message: str) -> None:
+    kopf.event(body, type=kind, reason=reason, message=message)
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)  # in-cluster service account, else KUBECONFIG
 
-    def ensure_cache_claim(namespace: str) -> None:
-        if settings.cache_create and namespace not in claims:
-            cluster.create_if_missing(children.cache_claim(namespace, settings))
-            claims.add(namespace)
+@dataclass
+class Kiln:
+    """What every handler gets as kopf's `memo`: settings, the client that writes, where events go.
 
-    # -- indexes: what the reconcilers observe ------------------------------------------------------
-    @kopf.index(**CA, registry=registry, id="artifacts")
-    def artifacts(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): plain(body.get("status") or {})}
+    main() builds it once; unit tests build one with a recording cluster and event sink.
+    """
 
-    @kopf.index("apps", "v1", "deployments", labels=naming.MANAGED_BY, registry=registry, id="deployments")
-    def deployments(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): plain(body)}
+    settings: OperatorSettings
+    cluster: Writer
+    post_event: PostEvent = kopf_event
+    claims: set[str] = field(default_factory=set)  # namespaces whose cache claim exists (or was made)
 
-    @kopf.index("v1", "services", labels=naming.MANAGED_BY, registry=registry, id="services")
-    def services(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): plain(body)}
+    def ensure_cache_claim(self, namespace: str) -> None:
+        if self.settings.cache_create and namespace not in self.claims:
+            self.cluster.create_if_missing(children.cache_claim(namespace, self.settings))
+            self.claims.add(namespace)
 
-    @kopf.index("batch", "v1", "jobs", labels=naming.MANAGED_BY, registry=registry, id="jobs")
-    def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): plain(body)}
 
-    @kopf.index("v1", "pods", labels=naming.MANAGED_BY, registry=registry, id="pods")
-    def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        owner = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
-        if owner is None:
-            owner = f"{labels.get(naming.MODEL_LABEL)}/{labels.get(naming.TARGET_LABEL)}"
-        return {(namespace, owner): plain(body)}
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    return kopf.login_via_client(**kwargs)  # in-cluster service account, else KUBECONFIG
 
-    @kopf.index("v1", "pods", labels=naming.MANAGED_BY, registry=registry, id="corrupt")
-    def corrupt(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        """Serving pods that stopped because their artifact failed its sha256, by artifact."""
-        key = annotations.get(naming.KEY_ANNOTATION)
-        report = corruption_report(plain(body)) if key else None
-        return {(namespace, naming.artifact_name(key)): report} if key and report else {}
 
-    @kopf.index(**TM, registry=registry, id="users")
-    def users(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        try:
-            model = TorchModel(metadata=plain(body.metadata), spec=plain(body.spec))
-        except ValidationError:
-            return {}
-        return {(namespace, p.artifact): name for p in plan_targets(model, settings) if p.artifact}
+# -- indexes: what the reconcilers observe (kopf keeps them from watches) ------------------------------
+def index_artifacts(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): plain(body.get("status") or {})}
 
-    # -- TorchModel ----------------------------------------------------------------------------------
-    def reconcile_torchmodel(
-        body: kopf.Body,
-        namespace: str,
-        uid: str,
-        patch: kopf.Patch,
-        artifacts: kopf.Index[Any, Any],
-        deployments: kopf.Index[Any, Any],
-        services: kopf.Index[Any, Any],
-        pods: kopf.Index[Any, Any],
-        **_: Any,
-    ) -> None:
-        try:
-            model = parse_model(body)
-        except ValidationError as exc:
-            raise invalid_spec(patch, body, exc) from exc
-        observed = {}
-        for planned in plan_targets(model, settings):
-            child = naming.child_name(model.metadata["name"], planned.target.gpu)
-            art = first(artifacts, (namespace, planned.artifact)) if planned.artifact else None
-            job = (art or {}).get("job") or (naming.compile_job_name(planned.key) if planned.key else None)
-            pod_bodies = list(pods.get((namespace, job), [])) if job else []
-            selector = f"{naming.label_value(model.metadata['name'])}/{naming.slug(planned.target.gpu)[:63]}"
-            pod_bodies += list(pods.get((namespace, selector), []))
-            observed[planned.target.gpu] = ObservedTarget(
-                artifact=CompiledArtifactStatus.model_validate(art) if art is not None else None,
-                deployment=first(deployments, (namespace, child)),
-                unschedulable=unschedulable(pod_bodies),
-            )
-        result = reconcile_model(model, observed, uid, settings, now())
-        if result.artifacts or result.deployments:
-            ensure_cache_claim(namespace)
-        for art_body in result.artifacts:
-            if first(artifacts, (namespace, art_body["metadata"]["name"])) is None:
-                cluster.create_if_missing(art_body)
-        for dep in result.deployments:
-            cluster.apply(dep, first(deployments, (namespace, dep["metadata"]["name"])))
-        for svc in result.services:
-            cluster.apply(svc, first(services, (namespace, svc["metadata"]["name"])))
-        patch_status(patch, body, result.status)
-        for kind, reason, message in result.events:
-            kopf.event(body, type=kind, reason=reason, message=message)
 
-    retry = {"backoff": 5.0, "registry": registry}
-    for decorator in (
-        kopf.on.create(**TM, id="create", **retry),
-        kopf.on.update(**TM, id="update", **retry),
-        kopf.on.resume(**TM, id="resume", **retry),
-        kopf.timer(**TM, id="resync", interval=settings.resync_seconds, sharp=False, **retry),
-    ):
-        decorator(reconcile_torchmodel)
+def index_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """Deployments, Services and Jobs Kiln manages, by namespace and name."""
+    return {(namespace, name): plain(body)}
 
-    # -- CompiledArtifact ------------------------------------------------------------------------------
-    def reconcile_compiledartifact(
-        body: kopf.Body,
-        namespace: str,
-        name: str,
-        uid: str,
-        patch: kopf.Patch,
-        jobs: kopf.Index[Any, Any],
-        pods: kopf.Index[Any, Any],
-        users: kopf.Index[Any, Any],
-        corrupt: kopf.Index[Any, Any],
-        **_: Any,
-    ) -> None:
-        if body.metadata.get("deletionTimestamp"):
-            return
-        art = parse_artifact(body)
-        job_name = naming.compile_job_name(art.spec.key, art.status.rebuilds if art.status else 0)
-        job = first(jobs, (namespace, job_name))
-        result = reconcile_artifact(
-            art,
-            job,
-            list(pods.get((namespace, job_name), [])),
-            sorted(set(users.get((namespace, name), []))),
-            uid,
-            settings,
-            now(),
-            max(corrupt.get((namespace, name), []), default=None),
+
+def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, naming.pod_owner(labels)): plain(body)}
+
+
+def index_corrupt(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """Serving pods that stopped because their artifact failed its sha256, by artifact."""
+    key = annotations.get(naming.KEY_ANNOTATION)
+    report = corruption_report(plain(body)) if key else None
+    return {(namespace, naming.artifact_name(key)): report} if key and report else {}
+
+
+def index_users(namespace: str, name: str, body: kopf.Body, memo: Kiln, **_: Any) -> dict[Any, Any]:
+    """TorchModels by the artifacts they use."""
+    try:
+        model = TorchModel(metadata=plain(body.metadata), spec=plain(body.spec))
+    except ValidationError:
+        return {}
+    return {(namespace, p.artifact): name for p in plan_targets(model, memo.settings) if p.artifact}
+
+
+# -- TorchModel ------------------------------------------------------------------------------------------
+def reconcile_torchmodel(
+    body: kopf.Body,
+    namespace: str,
+    uid: str,
+    patch: kopf.Patch,
+    memo: Kiln,
+    artifacts: kopf.Index[Any, Any],
+    deployments: kopf.Index[Any, Any],
+    services: kopf.Index[Any, Any],
+    pods: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    try:
+        model = parse_model(body)
+    except ValidationError as exc:
+        raise invalid_spec(patch, body, exc, memo.post_event) from exc
+    observed = {}
+    for planned in plan_targets(model, memo.settings):
+        name, gpu = model.metadata["name"], planned.target.gpu
+        art = first(artifacts, (namespace, planned.artifact)) if planned.artifact else None
+        job = (art or {}).get("job") or (naming.compile_job_name(planned.key) if planned.key else None)
+        pod_bodies = list(pods.get((namespace, job), [])) if job else []
+        pod_bodies += list(pods.get((namespace, naming.serving_owner(name, gpu)), []))
+        observed[gpu] = ObservedTarget(
+            artifact=CompiledArtifactStatus.model_validate(art) if art is not None else None,
+            deployment=first(deployments, (namespace, naming.child_name(name, gpu))),
+            unschedulable=unschedulable(pod_bodies),
         )
-        if result.job is not None and first(jobs, (namespace, result.job["metadata"]["name"])) is None:
-            ensure_cache_claim(namespace)
-            cluster.create_if_missing(result.job)
-        patch_status(patch, body, result.status)
-        if result.event:
-            kind, reason, message = result.event
-            kopf.event(body, type=kind, reason=reason, message=message)
-        if expired(result.status, datetime.now(UTC), settings.artifact_gc_grace_seconds):
-            log.info("artifact %s/%s unused for %d s: deleting it", namespace, name, settings.artifact_gc_grace_seconds)
-            cluster.delete(API_VERSION, "CompiledArtifact", namespace, name)
+    result = reconcile_model(model, observed, uid, memo.settings, now())
+    if result.artifacts or result.deployments:
+        memo.ensure_cache_claim(namespace)
+    for art_body in result.artifacts:
+        if first(artifacts, (namespace, art_body["metadata"]["name"])) is None:
+            memo.cluster.create_if_missing(art_body)
+    for dep in result.deployments:
+        memo.cluster.apply(dep, first(deployments, (namespace, dep["metadata"]["name"])))
+    for svc in result.services:
+        memo.cluster.apply(svc, first(services, (namespace, svc["metadata"]["name"])))
+    patch_status(patch, body, result.status)
+    for kind, reason, message in result.events:
+        memo.post_event(body, kind, reason, message)
 
-    for decorator in (
-        kopf.on.create(**CA, id="create", **retry),
-        kopf.on.resume(**CA, id="resume", **retry),
-        kopf.timer(**CA, id="resync", interval=settings.resync_seconds, sharp=False, **retry),
-    ):
-        decorator(reconcile_compiledartifact)
 
-    @kopf.on.delete(**CA, id="finalize", **retry)
-    def remove_artifact(
-        body: kopf.Body, namespace: str, name: str, users: kopf.Index[Any, Any], jobs: kopf.Index[Any, Any], **_: Any
-    ) -> None:
-        """The finalizer: refuse while a TorchModel uses it, then remove its cache folder."""
-        used = sorted(set(users.get((namespace, name), [])))
-        if used:
-            raise kopf.TemporaryError(f"still used by TorchModel(s) {used}; delete them first", delay=10)
-        key = str(body.spec["key"])
-        runtime_image = str(body.spec.get("runtimeImage", settings.runtime_image))
-        gc = children.cache_gc_job(key, namespace, runtime_image, settings)
-        job = first(jobs, (namespace, gc["metadata"]["name"]))
-        if job is None:
-            try:
-                cluster.create_if_missing(gc)
-            except NamespaceTerminating:
-                log.info("namespace %s is being deleted: the cache claim goes with it, %s with it", namespace, key)
-                return
-            raise kopf.TemporaryError("removing the cache folder", delay=2)
-        if (job.get("status") or {}).get("succeeded"):
-            log.info("removed cache folder of %s", key)
+# -- CompiledArtifact --------------------------------------------------------------------------------------
+def reconcile_compiledartifact(
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    uid: str,
+    patch: kopf.Patch,
+    memo: Kiln,
+    jobs: kopf.Index[Any, Any],
+    pods: kopf.Index[Any, Any],
+    users: kopf.Index[Any, Any],
+    corrupt: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    if body.metadata.get("deletionTimestamp"):
+        return
+    settings = memo.settings
+    art = parse_artifact(body)
+    job_name = naming.compile_job_name(art.spec.key, art.status.rebuilds if art.status else 0)
+    job = first(jobs, (namespace, job_name))
+    result = reconcile_artifact(
+        art,
+        job,
+        list(pods.get((namespace, job_name), [])),
+        sorted(set(users.get((namespace, name), []))),
+        uid,
+        settings,
+        now(),
+        max(corrupt.get((namespace, name), []), default=None),
+    )
+    if result.job is not None and first(jobs, (namespace, result.job["metadata"]["name"])) is None:
+        memo.ensure_cache_claim(namespace)
+        memo.cluster.create_if_missing(result.job)
+    patch_status(patch, body, result.status)
+    if result.event:
+        memo.post_event(body, *result.event)
+    if expired(result.status, datetime.now(UTC), settings.artifact_gc_grace_seconds):
+        log.info("artifact %s/%s unused for %d s: deleting it", namespace, name, settings.artifact_gc_grace_seconds)
+        memo.cluster.delete(API_VERSION, "CompiledArtifact", namespace, name)
+
+
+def remove_artifact(
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    memo: Kiln,
+    users: kopf.Index[Any, Any],
+    jobs: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    """The finalizer: refuse while a TorchModel uses it, then remove its cache folder."""
+    used = sorted(set(users.get((namespace, name), [])))
+    if used:
+        raise kopf.TemporaryError(f"still used by TorchModel(s) {used}; delete them first", delay=10)
+    key = str(body.spec["key"])
+    runtime_image = str(body.spec.get("runtimeImage", memo.settings.runtime_image))
+    gc = children.cache_gc_job(key, namespace, runtime_image, memo.settings)
+    job = first(jobs, (namespace, gc["metadata"]["name"]))
+    if job is None:
+        try:
+            memo.cluster.create_if_missing(gc)
+        except NamespaceTerminating:
+            log.info("namespace %s is being deleted: the cache claim goes with it, %s with it", namespace, key)
             return
-        raise kopf.TemporaryError("waiting for the cache folder removal", delay=2)
+        raise kopf.TemporaryError("removing the cache folder", delay=2)
+    if (job.get("status") or {}).get("succeeded"):
+        log.info("removed cache folder of %s", key)
+        return
+    raise kopf.TemporaryError("waiting for the cache folder removal", delay=2)
+
+
+def namespaced(handler: Callable[..., Any]) -> Any:
+    """`handler` as kopf's protocols accept it: they allow namespace=None (for cluster-scoped kinds),
+    and every kind Kiln watches is namespaced, so its handlers take `namespace: str`."""
+    return handler
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    """Register every handler and index on `registry`; the timers tick at `settings.resync_seconds`."""
+    kopf.on.login(registry=registry)(login)
+    kopf.index(GROUP, VERSION, CA, id="artifacts", registry=registry)(namespaced(index_artifacts))
+    kopf.index(GROUP, VERSION, TM, id="users", registry=registry)(namespaced(index_users))
+    by_name, managed = namespaced(index_by_name), naming.MANAGED_BY
+    kopf.index("apps", "v1", "deployments", labels=managed, id="deployments", registry=registry)(by_name)
+    kopf.index("v1", "services", labels=managed, id="services", registry=registry)(by_name)
+    kopf.index("batch", "v1", "jobs", labels=managed, id="jobs", registry=registry)(by_name)
+    kopf.index("v1", "pods", labels=managed, id="pods", registry=registry)(namespaced(index_pods))
+    kopf.index("v1", "pods", labels=managed, id="corrupt", registry=registry)(namespaced(index_corrupt))
+
+    model, artifact = namespaced(reconcile_torchmodel), namespaced(reconcile_compiledartifact)
+    every, backoff = settings.resync_seconds, 5.0
+    kopf.on.create(GROUP, VERSION, TM, id="create", backoff=backoff, registry=registry)(model)
+    kopf.on.update(GROUP, VERSION, TM, id="update", backoff=backoff, registry=registry)(model)
+    kopf.on.resume(GROUP, VERSION, TM, id="resume", backoff=backoff, registry=registry)(model)
+    kopf.timer(GROUP, VERSION, TM, id="resync", interval=every, sharp=False, backoff=backoff, registry=registry)(model)
+    kopf.on.create(GROUP, VERSION, CA, id="create", backoff=backoff, registry=registry)(artifact)
+    kopf.on.resume(GROUP, VERSION, CA, id="resume", backoff=backoff, registry=registry)(artifact)
+    kopf.timer(GROUP, VERSION, CA, id="resync", interval=every, sharp=False, backoff=backoff, registry=registry)(
+        artifact
+    )
+    kopf.on.delete(GROUP, VERSION, CA, id="finalize", backoff=backoff, registry=registry)(namespaced(remove_artifact))
 
 
 def configure(settings: kopf.OperatorSettings, standalone: bool) -> None:

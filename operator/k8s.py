@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
@@ -49,17 +49,28 @@ class NamespaceTerminating(Exception):
     """The namespace is being deleted: nothing new may be created in it, and it needs nothing new."""
 
 
+class Writer(Protocol):
+    """What handlers change in the cluster (kopf patches status and posts events itself)."""
+
+    def create_if_missing(self, obj: dict[str, Any]) -> bool: ...
+    def apply(self, obj: dict[str, Any], current: Mapping[str, Any] | None) -> bool: ...
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
+
 class Cluster:
+    """The Writer of a running operator: one dynamic client, in-cluster config else KUBECONFIG."""
+
     def __init__(self) -> None:
         try:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config()
-        self.dyn = DynamicClient(client.ApiClient())
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        self.dyn = DynamicClient(client.ApiClient())  # type: ignore[no-untyped-call]
 
     @cache  # noqa: B019 - one client per process; discovery is worth keeping
     def resource(self, api_version: str, kind: str) -> Resource:
-        return self.dyn.resources.get(api_version=api_version, kind=kind)
+        found: Resource = self.dyn.resources.get(api_version=api_version, kind=kind)
+        return found
 
     def _of(self, obj: Mapping[str, Any]) -> tuple[Resource, str, str]:
         meta = obj["metadata"]

@@ -30,7 +30,7 @@ def main() -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per timer tick
     settings = OperatorSettings()
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, settings, Cluster())
+    handlers.register(registry, settings)
     standalone = os.environ.get("KILN_STANDALONE", "") == "true"
     kopf_settings = kopf.OperatorSettings()
     handlers.configure(kopf_settings, standalone)
@@ -41,6 +41,7 @@ def main() -> int:
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=standalone,
+        memo=handlers.Kiln(settings, Cluster()),
         # Peers with equal priorities would all stay active; distinct ones elect the highest.
         priority=int(os.environ.get("KILN_PEERING_PRIORITY", "0")) or random.randint(1, 1_000_000),
         liveness_endpoint=os.environ.get("KILN_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz"),

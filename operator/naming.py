@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 
 from kiln.keys import short_key
 
@@ -52,3 +53,43 @@ def label_value(value: str) -> str:
     if len(value) <= 63:
         return value
     return value[:54].rstrip("-._") + "-" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+# -- labels: the one place the scheme is spelled out ---------------------------------------------
+def serving_selector(model: str, gpu: str) -> dict[str, str]:
+    """The labels that select one target's serving pods (Deployment selector and Service)."""
+    return {MODEL_LABEL: label_value(model), TARGET_LABEL: slug(gpu)[:63]}
+
+
+def serving_labels(model: str, gpu: str) -> dict[str, str]:
+    return {
+        **MANAGED_BY,
+        "app.kubernetes.io/name": "kiln-serve",
+        "app.kubernetes.io/instance": label_value(model),
+        **serving_selector(model, gpu),
+    }
+
+
+def instance_labels(model: str) -> dict[str, str]:
+    """Labels of a model's Services."""
+    return {**MANAGED_BY, "app.kubernetes.io/instance": label_value(model)}
+
+
+def artifact_labels(key: str, gpu: str) -> dict[str, str]:
+    return {**MANAGED_BY, KEY_LABEL: key[:63], TARGET_LABEL: slug(gpu)[:63]}
+
+
+def compile_labels(key: str) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/name": "kiln-compile", KEY_LABEL: key[:63]}
+
+
+def serving_owner(model: str, gpu: str) -> str:
+    """How the pod index files one target's serving pods."""
+    selector = serving_selector(model, gpu)
+    return f"{selector[MODEL_LABEL]}/{selector[TARGET_LABEL]}"
+
+
+def pod_owner(labels: Mapping[str, str]) -> str:
+    """How the pod index files a managed pod: its compile Job's name, else `serving_owner`."""
+    job = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
+    return job or f"{labels.get(MODEL_LABEL)}/{labels.get(TARGET_LABEL)}"

@@ -119,7 +119,7 @@ def _target_status(
     elif observed.artifact is None:
         phase, message = ArtifactPhase.pending.value, "artifact requested"
     else:
-        phase, message = observed.artifact.phase.value, observed.artifact.message
+        phase, message = observed.artifact.phase.value, observed.artifact.message or "artifact requested"
     if observed.unschedulable:
         message = f"no node can run this target: {observed.unschedulable}"
     replicas, ready, _ = _replicas(observed.deployment)
@@ -282,7 +282,7 @@ def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
     failed = conditions.get("Failed")
     if not failed or failed.get("status") != "True":
         return None
-    messages = [(_terminated(p) or {}).get("message", "").strip() for p in pods]
+    messages = [str((_terminated(p) or {}).get("message", "")).strip() for p in pods]
     messages = [m for m in messages if m]
     if messages:
         return messages[-1].splitlines()[-1][:1000]
@@ -369,7 +369,7 @@ def reconcile_artifact(
     `job` and `pods` are those of the Job named for the current rebuild (`compile_job_name`);
     `corrupt` is the newest corruption report of a serving pod of this key.
     """
-    old = art.status or CompiledArtifactStatus()
+    old = art.status or CompiledArtifactStatus(used_by=[])
     status = old.model_copy(
         update={"used_by": sorted(used_by), "unused_since": None if used_by else (old.unused_since or now)}
     )
