@@ -1,7 +1,8 @@
 """Kiln: compile PyTorch models ahead of time once per hardware target and serve them.
 
-This root package holds what the operator and the runtime share (resource
-models, cache keys, the artifact manifest). It never imports torch, kopf or
+This root package is the shared core: what the operator and the runtime share (resource
+models, the enums behind them, cache keys, the artifact manifest, and the contracts between
+the two sides: command-line flags and the compile summary). It never imports torch, kopf or
 kubernetes, so both sides may import it.
 """
 

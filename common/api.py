@@ -1,6 +1,6 @@
 """Resource models of group kiln.dev/v1alpha1: the TorchModel and CompiledArtifact.
 
-Shared layer (no torch, no kubernetes). The CRD schemas in crds/ are generated from
+Shared core (pydantic; no torch, no kubernetes). The CRD schemas in crds/ are generated from
 these models, so a field documented here is what `kubectl explain` shows.
 """
 
@@ -355,11 +355,31 @@ class Condition(StrictModel):
     observed_generation: int | None = None
 
 
+class TargetPhase(StrEnum):
+    """Where one target's artifact is; NotNeeded when its pods load the program themselves."""
+
+    pending = "Pending"
+    compiling = "Compiling"
+    ready = "Ready"
+    failed = "Failed"
+    not_needed = "NotNeeded"
+
+
+class ModelPhase(StrEnum):
+    """The summary of a TorchModel's conditions."""
+
+    compiling = "Compiling"
+    progressing = "Progressing"
+    ready = "Ready"
+    degraded = "Degraded"
+    failed = "Failed"
+
+
 class TargetStatus(StrictModel):
     gpu: str
     key: Annotated[str | None, Field(description="Cache key of the artifact this target needs.")] = None
     artifact: Annotated[str | None, Field(description="CompiledArtifact name.")] = None
-    phase: Annotated[str, Field(description="Artifact phase: Pending, Compiling, Ready, Failed, or NotNeeded.")]
+    phase: Annotated[TargetPhase, Field(description="Where this target's artifact is.")]
     serving_key: Annotated[str | None, Field(description="Cache key the serving pods run now.")] = None
     replicas: int = 0
     ready_replicas: int = 0
@@ -369,7 +389,7 @@ class TargetStatus(StrictModel):
 
 class TorchModelStatus(StrictModel):
     observed_generation: int | None = None
-    phase: Annotated[str | None, Field(description="Summary: Compiling, Progressing, Ready, Failed.")] = None
+    phase: Annotated[ModelPhase | None, Field(description="Summary of the conditions.")] = None
     replicas: int = 0
     ready_replicas: int = 0
     url: Annotated[str | None, Field(description="In-cluster URL of the first target's v2 model endpoint.")] = None

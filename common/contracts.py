@@ -14,8 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kiln.enums import ArchiveFormat, CompileBackend, CompileMode, InductorMode, JitBackend
-from kiln.manifest import Engine
+from kiln.enums import ArchiveFormat, CompileBackend, CompileMode, Engine, InductorMode, JitBackend
 
 __all__ = ["CompileFlags", "CompileSummary", "Flags", "ServeFlags"]
 

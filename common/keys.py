@@ -1,6 +1,6 @@
 """Cache keys: one compiled artifact per (archive, compile settings, target, runtime image).
 
-Shared layer (no torch). The key is a sha256 over canonical JSON, so it is the
+Shared core (no torch). The key is a sha256 over canonical JSON, so it is the
 same in every process and changes when any input changes.
 """
 

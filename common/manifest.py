@@ -1,6 +1,6 @@
 """The artifact manifest, `<key>/manifest.json`: what was compiled, from what, for what.
 
-Shared layer (no torch). kiln-compile writes it; kiln-serve reads it and refuses an
+Shared core (no torch). kiln-compile writes it; kiln-serve reads it and refuses an
 artifact built for another torch version or GPU; the operator reads sizes from it.
 """
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kiln.enums import Engine
 
 MANIFEST_NAME = "manifest.json"
 PACKAGE_NAME = "model.pt2"
@@ -26,7 +28,6 @@ CORRUPT_REASON = "ArtifactCorrupt"
 # How kiln-serve runs the artifact: the AOTInductor library, an OpenVINO IR, a TorchScript
 # file (no AOT compile is possible for TorchScript), or an ExportedProgram that jit and
 # eager replicas load (prepared once from an archive whose user code must not run in pods).
-Engine = Literal["aotinductor", "openvino", "torchscript", "exported-program"]
 
 
 class DimRange(BaseModel):
@@ -101,7 +102,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = MANIFEST_SCHEMA
-    engine: Engine = "aotinductor"
+    engine: Engine = Engine.aotinductor
     key: str
     inputs: dict[str, Any]
     torch_version: str

@@ -1,6 +1,6 @@
 """Manifests of Kiln's children: CompiledArtifact, compile Job, Deployment, Service, cache PVC.
 
-Core layer (pure): a resource model and settings in, a dict the API server accepts
+Operator core (pure): a resource model and settings in, a dict the API server accepts
 out. Pods run non-root with a read-only root filesystem, no privilege escalation
 and no capabilities; serving pods mount the cache read-only.
 """

@@ -1,6 +1,6 @@
 """Generate the CRDs in crds/ from the pydantic models in kiln.api.
 
-Core layer (pure). Pydantic's JSON schema is turned into a structural OpenAPI v3
+Operator core (pure). Pydantic's JSON schema is turned into a structural OpenAPI v3
 schema: references inlined, optional fields un-nulled, titles dropped, defaults
 and descriptions kept, so `kubectl explain` shows the models' documentation.
 Run `kiln-crds crds` to rewrite crds/; a test fails on drift.
@@ -8,6 +8,7 @@ Run `kiln-crds crds` to rewrite crds/; a test fails on drift.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def render(obj: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    out = Path((argv or sys.argv[1:] or ["crds"])[0])
+    parser = argparse.ArgumentParser(prog="kiln-crds", description="Write the CRDs generated from kiln.api.")
+    parser.add_argument("folder", nargs="?", default="crds", help="where to write them (default: crds)")
+    out = Path(parser.parse_args(argv).folder)
     out.mkdir(parents=True, exist_ok=True)
     for name, obj in generate().items():
         (out / name).write_text(render(obj))

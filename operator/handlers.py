@@ -1,9 +1,10 @@
 """kopf glue: thin handlers that parse, call the pure reconcile, apply its result and patch status.
 
-Handlers layer. Level-triggered: create, update, resume and a timer all run the
-same idempotent functions. What they observe comes from kopf indexes (in-memory
-views kept by watches), so a reconcile reads nothing from the API server and
-writes only what differs.
+Operator glue. Level-triggered: create, update, resume and a timer all run the same
+idempotent module-level functions. What they observe comes from kopf indexes (in-memory
+views kept by watches), so a reconcile reads nothing from the API server and writes only
+what differs. Settings, the Writer and the event sink reach them as kopf's `memo` (`Kiln`),
+so unit tests call them directly (tests/unit/test_handlers.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Client I/O of the operator: create, server-side apply and delete, through one dynamic client.
 
-k8s layer: the only operator module that talks to the API server directly
-(kopf posts status patches and events for the handlers).
+Operator I/O: the only operator module that talks to the API server directly (kopf posts
+status patches and events for the handlers). Handlers see it as a `Writer`, which unit
+tests replace with a recording one.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 The operator (kiln.operator; the folder has no __init__.py, so a repo root on sys.path never
 shadows the standard library's `operator`): TorchModel → CompiledArtifacts, compile Jobs,
-Deployments, Services. Layers (kept by .importlinter): main → handlers (kopf glue) → k8s
-(client I/O) → reconcile → children → naming (pure: spec in, desired children and status
-out). It never imports torch.
+Deployments, Services. Layers (kept by .importlinter): operator glue (main → handlers, kopf)
+→ operator I/O (k8s) → operator core (reconcile → children → naming; pure: spec in, desired
+children and status out). It never imports torch.
 
 Entry point: settings are parsed here (KILN_* environment), never at import.
 KILN_WATCH_NAMESPACES=ns1,ns2 limits the operator to those namespaces (the

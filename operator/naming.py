@@ -1,7 +1,8 @@
 """Names and labels of Kiln's children, derived from keys and model names.
 
-Core layer (pure). Derived names make handlers idempotent: the same key always
-maps to the same CompiledArtifact and compile Job, whoever creates them first.
+Operator core (pure). Derived names make handlers idempotent: the same key always
+maps to the same CompiledArtifact and compile Job, whoever creates them first. The label
+scheme (what selects a target's pods, how the pod index files them) is spelled out only here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The reconcile loop's pure part: observed state in, desired children and status out.
 
-Core layer: no kopf, no kubernetes client. Handlers read the cluster into
-`Observed`, call `reconcile_model` / `reconcile_artifact`, and apply the result.
-Running either twice on the same input gives the same output.
+Operator core (pure): no kopf, no kubernetes client. Handlers turn kopf's indexes into
+`ObservedTarget`s (and a Job with its pods), call `reconcile_model` / `reconcile_artifact`,
+and apply the result. Running either twice on the same input gives the same output.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from kiln.api import (
     CompiledArtifact,
     CompiledArtifactStatus,
     Condition,
+    ModelPhase,
     Target,
+    TargetPhase,
     TargetStatus,
     TorchModel,
     TorchModelStatus,
@@ -38,7 +40,6 @@ ARTIFACTS_READY, AVAILABLE, PROGRESSING, DEGRADED, READY = (
     "Degraded",
     "Ready",
 )
-NOT_NEEDED = "NotNeeded"
 # What a CompiledArtifact's status copies from kiln-compile's summary.
 SUMMARY_IN_STATUS = {"path", "size_bytes", "sha256", "compile_seconds", "torch_version", "dims"}
 
@@ -115,11 +116,15 @@ def _target_status(
     model: TorchModel, planned: PlannedTarget, observed: ObservedTarget, key: str | None, settings: OperatorSettings
 ) -> TargetStatus:
     if planned.key is None:
-        phase, message = NOT_NEEDED, f"mode {model.spec.compile.mode.value}: pods load the program themselves"
+        phase, message = (
+            TargetPhase.not_needed,
+            f"mode {model.spec.compile.mode.value}: pods load the program themselves",
+        )
     elif observed.artifact is None:
-        phase, message = ArtifactPhase.pending.value, "artifact requested"
+        phase, message = TargetPhase.pending, "artifact requested"
     else:
-        phase, message = observed.artifact.phase.value, observed.artifact.message or "artifact requested"
+        phase = TargetPhase(observed.artifact.phase.value)
+        message = observed.artifact.message or "artifact requested"
     if observed.unschedulable:
         message = f"no node can run this target: {observed.unschedulable}"
     replicas, ready, _ = _replicas(observed.deployment)
@@ -155,10 +160,10 @@ def _condition(
 def _conditions(model: TorchModel, targets: list[TargetStatus], rolled: list[bool], now: str) -> list[Condition]:
     previous = model.status.conditions if model.status else []
     gen = model.metadata.get("generation")
-    needs = [t for t in targets if t.phase != NOT_NEEDED]
-    failed = [t for t in needs if t.phase == ArtifactPhase.failed.value]
+    needs = [t for t in targets if t.phase != TargetPhase.not_needed]
+    failed = [t for t in needs if t.phase == TargetPhase.failed]
     stuck = [t for t in targets if t.message.startswith("no node can run")]
-    compiling = [t for t in needs if t.phase not in (ArtifactPhase.ready.value, ArtifactPhase.failed.value)]
+    compiling = [t for t in needs if t.phase not in (TargetPhase.ready, TargetPhase.failed)]
     wanted = sum(t.replicas for t in model.spec.targets)
     available = all(s.ready_replicas >= t.replicas for s, t in zip(targets, model.spec.targets, strict=True))
     progressing = bool(compiling) or not all(rolled)
@@ -217,15 +222,15 @@ def _conditions(model: TorchModel, targets: list[TargetStatus], rolled: list[boo
     return [ready, art, avail, prog, deg]
 
 
-def _phase(conditions: list[Condition]) -> str:
+def _phase(conditions: list[Condition]) -> ModelPhase:
     by = {c.type: c for c in conditions}
     if by[READY].status == "True":
-        return "Ready"
+        return ModelPhase.ready
     if by[DEGRADED].status == "True":
-        return "Failed" if by[DEGRADED].reason == "CompileFailed" else "Degraded"
+        return ModelPhase.failed if by[DEGRADED].reason == "CompileFailed" else ModelPhase.degraded
     if by[ARTIFACTS_READY].status != "True":
-        return "Compiling"
-    return "Progressing"
+        return ModelPhase.compiling
+    return ModelPhase.progressing
 
 
 def reconcile_model(
@@ -250,7 +255,7 @@ def reconcile_model(
         targets.append(status)
         old = previous.get(status.gpu)
         if old is None or old.phase != status.phase:
-            kind = "Warning" if status.phase == ArtifactPhase.failed.value else "Normal"
+            kind = "Warning" if status.phase == TargetPhase.failed else "Normal"
             result.events.append((kind, f"Artifact{status.phase}", f"{status.gpu}: {status.message or status.phase}"))
     conditions = _conditions(model, targets, rolled, now)
     result.status = TorchModelStatus(

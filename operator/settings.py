@@ -1,6 +1,6 @@
 """Operator settings, from KILN_* environment variables (the Helm chart sets them).
 
-Core layer: plain pydantic, parsed once in main().
+Operator core: pydantic-settings, parsed once in main().
 """
 
 from __future__ import annotations

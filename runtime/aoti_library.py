@@ -1,6 +1,6 @@
 """Call an AOTInductor library through its C interface, without holding the GIL, on torch tensors.
 
-Serve path (torch): the runner the lean loader falls back to (kiln.runtime.aoti_shim holds
+Serve path, torch side: the runner the lean loader falls back to (kiln.runtime.aoti_shim holds
 the container; here torch makes the tensor handles). torch's runner classes
 (`torch._C._aoti.AOTIModelContainerRunner*`) hold the GIL for the whole call: on a CPU the
 whole forward pass, on a GPU the kernel launches and, once a batch is already in flight, the

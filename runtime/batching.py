@@ -4,7 +4,7 @@ Only requests whose shapes are equal apart from the batch dimension are merged (
 dynamic sequence length gets one batch per length present within the delay); the others wait
 their turn, oldest first.
 
-Runtime dataplane layer (no HTTP). One model thread gathers batches and runs them, so
+Serve path, batching (no HTTP). One model thread gathers batches and runs them, so
 the compiled model is never called concurrently; the queue is bounded, and a full
 queue is refused at once (Overloaded) instead of growing memory. Where a model call
 only launches work (a GPU), a second thread waits for each batch's results and answers,

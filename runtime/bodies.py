@@ -1,6 +1,6 @@
 """Inference request bodies read once into one buffer, by a subclass of uvicorn's httptools protocol.
 
-Runtime layer 4 (HTTP). uvicorn hands a request body to the application in pieces: each
+Serve path, HTTP. uvicorn hands a request body to the application in pieces: each
 piece is appended to a bytearray, copied again into a `bytes` message, and reading pauses
 every 64 KiB until the application asks for more. For ResNet-50's 602 KB binary tensor that
 is five copies and a dozen turns of the event loop per request, most of the server's CPU in

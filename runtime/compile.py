@@ -7,7 +7,8 @@ that jit/eager replicas load (archives whose model.py must run only here).
 Compile path entry point, run once per cache key by the compile Job. Each step
 prints a progress line with its duration. Any failure exits non-zero with one
 line on stderr and in the termination log, which the operator copies to status.
-On success the termination log holds a JSON summary (key, size, sha256, seconds).
+On success the termination log holds the JSON summary the operator reads
+(kiln.contracts.CompileSummary: key, path, size, sha256, seconds, torch version, dims).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from pydantic import ValidationError as SpecError
 
 from kiln.api import ArchiveFormat, CompileBackend, CompileMode, CompileSpec, DynamicBatch, InductorMode
 from kiln.contracts import CompileSummary
+from kiln.enums import Engine
 from kiln.keys import cache_key, key_inputs
-from kiln.manifest import BATCH, PACKAGE_NAME, RUNNER_DIR, Engine, Manifest, Signature, sha256_file
+from kiln.manifest import BATCH, PACKAGE_NAME, RUNNER_DIR, Manifest, Signature, sha256_file
 from kiln.runtime import cache
 from kiln.runtime.errors import KilnError
 from kiln.runtime.unpack import Limits
@@ -174,15 +176,15 @@ def run(args: CompileArgs) -> Manifest:
 def engine_for(fmt: ArchiveFormat, spec: CompileSpec) -> Engine:
     """What the artifact holds: TorchScript stays TorchScript; jit and eager replicas get a program."""
     if fmt == ArchiveFormat.torchscript:
-        return "torchscript"
+        return Engine.torchscript
     if spec.mode != CompileMode.aot:
-        return "exported-program"
-    return "openvino" if spec.backend == CompileBackend.openvino else "aotinductor"
+        return Engine.exported_program
+    return Engine.openvino if spec.backend == CompileBackend.openvino else Engine.aotinductor
 
 
 NOTES: dict[Engine, str] = {
-    "torchscript": "served as TorchScript: a TorchScript archive cannot be compiled ahead of time",
-    "exported-program": "prepared as an ExportedProgram for {mode} replicas: no ahead-of-time compile",
+    Engine.torchscript: "served as TorchScript: a TorchScript archive cannot be compiled ahead of time",
+    Engine.exported_program: "prepared as an ExportedProgram for {mode} replicas: no ahead-of-time compile",
 }
 
 
@@ -271,7 +273,7 @@ def _build(engine: Engine, source: Source, reference: Path, staging: Path, args:
     compile_start = time.monotonic()
     extra: dict[str, Any] = {}
     others: list[Path] = []
-    if engine == "aotinductor":
+    if engine == Engine.aotinductor:
         from kiln.runtime import aot
 
         configs = aot.inductor_configs(args.spec)
@@ -283,7 +285,7 @@ def _build(engine: Engine, source: Source, reference: Path, staging: Path, args:
             so = aot.extract_runner(staging / PACKAGE_NAME, staging / RUNNER_DIR)
         package = staging / PACKAGE_NAME
         extra = {"runner_so": str(so.relative_to(staging)), "runner_so_sha256": sha256_file(so)}
-    elif engine == "openvino":
+    elif engine == Engine.openvino:
         from kiln.runtime import openvino_ir
 
         assert source.program is not None
@@ -292,7 +294,7 @@ def _build(engine: Engine, source: Source, reference: Path, staging: Path, args:
         compile_seconds = time.monotonic() - compile_start
         extra = {"files": {p.name: sha256_file(p) for p in others}}
     else:
-        package = staging / ("model.ts" if engine == "torchscript" else "program.pt2")
+        package = staging / ("model.ts" if engine == Engine.torchscript else "program.pt2")
         with step(f"store the {engine}"):
             shutil.copyfile(reference, package)
         compile_seconds = time.monotonic() - compile_start

@@ -1,7 +1,8 @@
 """The dataplane: check requests against the model's signature, batch, call, shape responses.
 
-Runtime layer 3 (no HTTP, no FastAPI). Knows the loaded model and its signature;
-raises domain errors (InvalidInput, NotReady, ...) that the server maps to codes.
+Serve path, dataplane (no HTTP). Knows the loaded model and its signature; raises domain
+errors (InvalidInput, NotReady, ...) that kiln.runtime.inference maps to codes. `ModelInfo`
+is all an intake process learns of the model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel
 
+from kiln.enums import Loader
 from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
@@ -50,7 +52,7 @@ class ModelInfo(BaseModel):
     signature: Signature
     rows: int  # most rows per request and per model call
     batch_dim: int
-    loader: str
+    loader: Loader
     fallback: str | None = None
     threads: dict[str, int] = {}
     torch_imported: bool  # in the process that runs the model

@@ -1,6 +1,6 @@
 """Host↔GPU transfers for torch's loaders on a GPU, overlapped with the model's own work.
 
-Runtime dataplane layer (torch, no HTTP); the lean loader does the same with CUDA's
+Serve path, torch side (no HTTP); the lean loader does the same with CUDA's
 runtime (kiln.runtime.aoti_shim.LeanCuda). Inputs go up on a copy stream of their own, so
 the next batch's copies run while the GPU still computes the previous one; results come
 down into pinned host memory right behind the model's kernels, and only the thread that

@@ -1,6 +1,6 @@
 """Open Inference Protocol datatypes and the numpy dtype of their bytes on the wire.
 
-Runtime, numpy only: the C shim (kiln.runtime.aoti_shim) needs these before kiln-serve's
+Serve path, numpy only: the C shim (kiln.runtime.aoti_shim) needs these before kiln-serve's
 pydantic models are imported; kiln.runtime.tensors re-exports them.
 """
 

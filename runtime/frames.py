@@ -1,6 +1,6 @@
 """Frames between an intake process and the model process: length-prefixed JSON over a Unix socket pair.
 
-Runtime layer 2 (standard library only). Tensors never travel in frames: they lie in the shared
+Serve path, frames (standard library only). Tensors never travel in frames: they lie in the shared
 arenas of kiln.runtime.shm and frames name them by `Ref`. Per-request frames are TypedDicts, not
 validated models: both ends are kiln-serve's own processes and a frame must cost microseconds; the
 one `ready` frame carries the model's description as a pydantic model (dataplane.ModelInfo).

@@ -1,6 +1,6 @@
 """Answering inference requests over HTTP, framework-free: body in, (status, payload, headers) out.
 
-Runtime layer 4 (HTTP side of the dataplane). Domain errors are mapped to codes in one
+Serve path, requests (the HTTP side of the dataplane, framework-free). Domain errors are mapped to codes in one
 place (`STATUS`), with the protocol's one error body `{"error": "..."}`; an exception the
 model raises is a 500 with that body too (ModelFailed), counted like any answer. Used by the fast
 front (kiln.runtime.server) and by the FastAPI application (kiln.runtime.routes).

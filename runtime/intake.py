@@ -1,6 +1,6 @@
 """An intake process of kiln-serve: HTTP in, requests checked, tensors handed to the model process in shared memory.
 
-Runtime layer 5 (an entry point beside kiln.runtime.serve), started by the model process
+Serve path, entry (beside kiln.runtime.serve), started by the model process
 (kiln.runtime.intake_pool) with the listening socket, its end of a frame socket pair and two arenas.
 It imports no torch: it parses and checks requests against the model's signature (from the model
 process's `ready` frame), writes their bodies straight into its arena (the body buffer is a block of

@@ -1,6 +1,6 @@
 """The model process's intake processes: started first, replaced when one dies, drained on SIGTERM.
 
-Runtime layer 4 (beside the HTTP routes, but no HTTP here). With intake processes kiln-serve is one
+Serve path, beside the HTTP routes (no HTTP here). With intake processes kiln-serve is one
 model process (the preload, the loader, the batcher, this pool) and N intake processes
 (kiln.runtime.intake) that accept connections on one listening socket the model process made. Each
 intake has a Unix socket pair for frames (kiln.runtime.frames) and two memfd arenas

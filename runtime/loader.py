@@ -19,14 +19,12 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from kiln.enums import Engine, Loader
 from kiln.manifest import BATCH, Manifest, Signature, corrupt_files
 from kiln.runtime.errors import ArtifactCorrupt, ArtifactMismatch
 from kiln.runtime.tensors import zero_arrays
 
 log = logging.getLogger(__name__)
-
-LEAN = "lean"
-
 
 ArrayFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]  # host arrays in, host arrays out, synchronous
 
@@ -52,7 +50,7 @@ class LoadedModel:
     fn: ArrayFn
     signature: Signature
     batch_max: int
-    loader: str
+    loader: Loader
     device: str
     batch_dim: int = 0
     threads: dict[str, int] = field(default_factory=dict)
@@ -112,21 +110,21 @@ def load_artifact(
             return early or load_lean(folder, manifest, device, threads)
         except preload.LeanUnavailable as exc:
             reason = str(exc)
-    if manifest.engine == "aotinductor":
+    if manifest.engine == Engine.aotinductor:
         log.warning("not using the lean loader (%s): importing torch", reason)
     from kiln.runtime import torch_loaders  # torch's Python package: seconds of imports
 
     model = torch_loaders.load_artifact(folder, manifest, device, threads, jit, inter_op)
-    model.fallback = reason if manifest.engine == "aotinductor" else None
+    model.fallback = reason if manifest.engine == Engine.aotinductor else None
     return model
 
 
 def lean_refusal(manifest: Manifest) -> str | None:
     """Why the lean loader is not tried for this artifact (None: it is)."""
-    if manifest.engine != "aotinductor":
+    if manifest.engine != Engine.aotinductor:
         return f"engine {manifest.engine} runs through torch"
-    forced = os.environ.get("KILN_LOADER", LEAN)
-    if forced != LEAN:
+    forced = os.environ.get("KILN_LOADER", Loader.lean)
+    if forced != Loader.lean:
         return f"KILN_LOADER={forced}"
     if not manifest.runner_so:
         return "the artifact has no extracted library"
@@ -143,7 +141,7 @@ def warm_sizes(model: LoadedModel, max_batch_size: int) -> tuple[list[int], list
     up for seconds. jit compiles per size: all sizes before ready."""
     rows = min(max_batch_size, model.batch_max)
     sizes = sorted({1, min(2, rows), rows})
-    if model.loader not in (LEAN, "runner", "package"):
+    if not model.loader.runs_aotinductor:
         return sizes, []
     return sizes[:1], sizes[1:] if model.device != "cpu" else []
 
@@ -193,7 +191,7 @@ def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> Lo
         library,
         manifest.signature,
         manifest.batch_max,
-        LEAN,
+        Loader.lean,
         device,
         manifest.batch_dim,
         {"intra_op_threads": aoti_shim.openmp_threads() or threads},

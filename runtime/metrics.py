@@ -1,6 +1,6 @@
-"""Prometheus metrics of kiln-serve: requests, latency, queue time, batch sizes, load time.
+"""Prometheus metrics of kiln-serve: requests, latency, queue, batch sizes, load time and loader, intakes.
 
-Runtime dataplane layer (no HTTP): counters are updated by the dataplane and the
+Serve path (no HTTP): counters are updated by the dataplane and the
 server; /metrics renders them. With intake processes every process writes its values to
 files in MULTIPROCESS_DIR (prometheus_client's multiprocess mode, chosen by the environment
 variable before prometheus_client is imported) and any intake's /metrics adds them up.

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from kiln.enums import Loader
 from kiln.runtime.settings import ServeSettings
 
 RUNNER_DIR, MANIFEST_NAME = "runner", "manifest.json"  # kiln.manifest's names (that module brings pydantic)
@@ -235,7 +236,7 @@ def start(settings: ServeSettings) -> Preload | None:
 
     The libraries wait for `release()`."""
     global _started
-    lean = os.environ.get("KILN_LOADER", "lean") == "lean" and settings.mode == "aot" and settings.artifact
+    lean = os.environ.get("KILN_LOADER", Loader.lean) == Loader.lean and settings.mode == "aot" and settings.artifact
     if not lean or settings.device not in ("cpu", "cuda"):
         return None
     threads = settings.intra_op_threads or cpu_limit()

@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 (KServe / Triton REST) wire models.
 
-Runtime layer 1: pydantic models quoting the spec
+Serve path, wire models (the lowest layer): pydantic models quoting the spec
 (https://github.com/kserve/open-inference-protocol, REST section). No torch here.
 """
 

@@ -1,6 +1,6 @@
 """kiln-serve's FastAPI application: metadata, health, metrics and the OpenAPI document.
 
-Runtime layer 4 (HTTP). Inference requests and health probes never reach it: the fast
+Serve path, HTTP routes. Inference requests and health probes never reach it: the fast
 front in kiln.runtime.server answers them, and builds this application in the background
 once the model is ready, since importing FastAPI is 0.8 s of a replica's start on the H100
 (docs/results/importtime-cuda.txt).

@@ -1,6 +1,6 @@
 """kiln-serve's server: the Open Inference Protocol v2 over HTTP (uvicorn, FastAPI behind a fast front).
 
-Runtime layer 4 (HTTP), started by kiln.runtime.serve. `FastFront` answers inference requests and health
+Serve path, HTTP server, started by kiln.runtime.serve. `FastFront` answers inference requests and health
 probes itself and passes every other request to the FastAPI application of kiln.runtime.routes, built a
 second after the model is ready (or on the first request that needs it). The model loads in a worker thread
 through kiln.runtime.loader, which imports torch only when the lean loader cannot serve the artifact; on the

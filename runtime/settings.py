@@ -1,6 +1,8 @@
 """kiln-serve settings: one dataclass, parsed from flags and KILN_* environment in main().
 
-Runtime configuration layer. Flags win over environment; nothing is read at import.
+Serve path (standard library only: the preload reads these first). Flags win over
+environment; nothing is read at import. The operator writes these flags from
+kiln.contracts.ServeFlags, and a unit test parses what it writes here.
 """
 
 from __future__ import annotations
@@ -8,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-from kiln.enums import JitBackend
+from kiln.enums import CompileMode, JitBackend
 
 
 def _flag(text: str) -> bool:
@@ -21,7 +24,14 @@ def _flag(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-JIT_BACKENDS = tuple(b.value for b in JitBackend)
+def _choice(kind: type[Enum]) -> Any:
+    def parse(text: str) -> Enum:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(kind)}, not {text!r}") from None
+
+    return parse
 
 
 def opt(default: object, doc: str) -> Any:
@@ -32,8 +42,9 @@ def opt(default: object, doc: str) -> Any:
 @dataclass(frozen=True)
 class ServeSettings:
     model_name: str = opt("model", "Name the model is served under: /v2/models/{name}.")
-    mode: str = opt(
-        "aot", "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is."
+    mode: CompileMode = opt(
+        CompileMode.aot,
+        "aot: load the compiled artifact; jit: torch.compile the program at start; eager: run it as is.",
     )
     artifact: str = opt(
         "", "The artifact folder `<cache>/<key>` kiln-compile published (aot; jit/eager for prepared archives)."
@@ -52,7 +63,7 @@ class ServeSettings:
     inductor_mode: str = opt("default", "jit: torch.compile mode.")
     jit_fullgraph: bool = opt(False, "jit: torch.compile(fullgraph=...): fail instead of breaking the graph.")
     jit_dynamic: str = opt("auto", "jit: torch.compile(dynamic=...): true, false or auto (None).")
-    jit_backend: str = opt("inductor", "jit: torch.compile backend (inductor, aot_eager, eager, cudagraphs).")
+    jit_backend: JitBackend = opt(JitBackend.inductor, "jit: torch.compile backend.")
     jit_disable: bool = opt(False, "jit: serve without torch.compile (torch.compile(disable=True)).")
     batch_dim: int = opt(0, "jit/eager archives: the batch dimension (artifacts record theirs in the manifest).")
     batchable: bool = opt(True, "false: never merge requests (each runs alone), for models whose inputs must not mix.")
@@ -80,13 +91,14 @@ def parse_settings(argv: list[str] | None) -> ServeSettings:
     for f in fields(ServeSettings):
         flag = "--" + f.name.replace("_", "-")
         kind: Any = _flag if isinstance(f.default, bool) else type(f.default)
+        if isinstance(f.default, Enum):
+            kind = _choice(type(f.default))
         env = os.environ.get("KILN_" + f.name.upper())
         default = kind(env) if env is not None else f.default
-        parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['doc']} (env KILN_{f.name.upper()})")
+        doc = f"{f.metadata['doc']} (env KILN_{f.name.upper()})"
+        parser.add_argument(flag, type=kind, default=default, help=doc)
     ns = parser.parse_args(argv)
     settings = ServeSettings(**vars(ns))
-    if settings.mode not in ("aot", "jit", "eager"):
-        parser.error(f"--mode must be aot, jit or eager, not {settings.mode!r}")
     if settings.mode == "aot" and not settings.artifact:
         parser.error("--mode aot needs --artifact (the <cache>/<key> folder)")
     if settings.mode != "aot" and not (settings.archive or settings.artifact):
@@ -95,6 +107,4 @@ def parse_settings(argv: list[str] | None) -> ServeSettings:
         )
     if settings.jit_dynamic not in ("auto", "true", "false"):
         parser.error(f"--jit-dynamic must be true, false or auto, not {settings.jit_dynamic!r}")
-    if settings.jit_backend not in JIT_BACKENDS:
-        parser.error(f"--jit-backend must be one of {', '.join(JIT_BACKENDS)}, not {settings.jit_backend!r}")
     return settings

@@ -1,6 +1,6 @@
 """Shared memory between kiln-serve's intake processes and its model process: arenas of tensors.
 
-Runtime layer 2 (numpy: no HTTP, no torch). An `Arena` is a memfd mapped by two processes:
+Serve path, shared memory (numpy: no HTTP, no torch). An `Arena` is a memfd mapped by two processes:
 anonymous memory with no file system behind it, so it works under a read-only root and is not
 bounded by a container's 64 MB /dev/shm, and it vanishes with the last process that maps it. One
 side owns each arena and allocates blocks in it; the other only reads or writes the blocks a frame

@@ -1,6 +1,6 @@
 """Tensors on the wire: Open Inference Protocol datatypes, JSON data and binary data, as numpy arrays.
 
-Runtime layer 2 (after protocol), no torch: the serve path holds host data in numpy
+Serve path, tensors (above protocol), no torch: the serve path holds host data in numpy
 arrays, so a replica that calls its compiled library through the C shim never imports
 torch's Python package (kiln.runtime.torch_arrays converts for the loaders that do).
 BF16 arrays hold the bit patterns as uint16; the signature says which are BF16.

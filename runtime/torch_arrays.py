@@ -1,6 +1,6 @@
 """numpy ↔ torch for the loaders and compile steps that import torch.
 
-Runtime layer 2 (torch side of kiln.runtime.tensors). Arrays cross without copies where
+Serve path, torch side (of kiln.runtime.tensors). Arrays cross without copies where
 torch allows it (torch.from_numpy / Tensor.numpy share memory); BF16 crosses as its bits.
 """
 

@@ -1,6 +1,6 @@
 """torch's loaders: the AOTI runner (the lean path's fallback), aoti_load_package, TorchScript, OpenVINO, jit and eager.
 
-Serve path (torch). Each returns a LoadedModel whose function takes and returns numpy
+Serve path, torch side. Each returns a LoadedModel whose function takes and returns numpy
 arrays (kiln.runtime.torch_arrays), and on a GPU a pipeline that overlaps copies with the
 model (kiln.runtime.device). Nothing here imports torch.export or inductor unless that
 path is taken: imports are most of a replica's start-up time.
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_leaves
 
+from kiln.enums import Engine, Loader
 from kiln.manifest import PACKAGE_NAME, DimRange, Manifest, Signature
 from kiln.runtime.loader import ArrayFn, JitArgs, LoadedModel, Pipeline, check_manifest, verify_files
 from kiln.runtime.torch_arrays import TensorFn, on_arrays
@@ -83,21 +84,21 @@ def load_artifact(
     """Load whatever engine the manifest names; `jit` applies to prepared ExportedPrograms only."""
     check_manifest(manifest, device, torch.__version__, device_capability(device))
     pools = set_threads(threads, inter_op)
-    if manifest.engine == "aotinductor":
+    if manifest.engine == Engine.aotinductor:
         fn, loader = _load_aotinductor(folder, manifest, device)
     else:
         verify_files(folder, {manifest.package_file: manifest.package_sha256, **manifest.files})
         package = folder / manifest.package_file
-        if manifest.engine == "exported-program":
+        if manifest.engine == Engine.exported_program:
             model = load_program(package, device, jit, manifest.batch_max, manifest.batch_dim, manifest.signature)
             model.threads = pools
             return model
-        if manifest.engine == "openvino":
+        if manifest.engine == Engine.openvino:
             from kiln.runtime import openvino_ir
 
-            fn, loader = openvino_ir.load(folder, threads), "openvino"
+            fn, loader = openvino_ir.load(folder, threads), Loader.openvino
         else:
-            fn, loader = _torchscript(package, device), "torchscript"
+            fn, loader = _torchscript(package, device), Loader.torchscript
     on_host, pipeline = serving(fn, manifest.signature, device)
     return LoadedModel(
         on_host,
@@ -120,18 +121,17 @@ def _torchscript(path: Path, device: str) -> TensorFn:
     return run
 
 
-def _load_aotinductor(folder: Path, manifest: Manifest, device: str) -> tuple[TensorFn, str]:
-    loader = os.environ.get("KILN_LOADER", "runner")
-    if loader != "package" and manifest.runner_so:
+def _load_aotinductor(folder: Path, manifest: Manifest, device: str) -> tuple[TensorFn, Loader]:
+    if os.environ.get("KILN_LOADER") != Loader.package and manifest.runner_so:
         so = folder / manifest.runner_so
         if manifest.runner_so_sha256:
             verify_files(folder, {manifest.runner_so: manifest.runner_so_sha256})
         try:
-            return _runner(so, device), "runner"
+            return _runner(so, device), Loader.runner
         except (AttributeError, RuntimeError, TypeError) as exc:
             log.warning("AOTI runner could not load %s (%s); falling back to aoti_load_package", so, exc)
     verify_files(folder, {PACKAGE_NAME: manifest.package_sha256})
-    return _package(folder / PACKAGE_NAME), "package"
+    return _package(folder / PACKAGE_NAME), Loader.package
 
 
 def load_program(
@@ -165,7 +165,7 @@ def load_program(
     def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(tree_leaves(call(*inputs)))
 
-    loader = "eager" if jit is None or jit.disable else ("jit" if jit.backend == "inductor" else f"jit-{jit.backend}")
+    loader = Loader.eager if jit is None or jit.disable else Loader.of_jit(jit.backend)
     signature = signature or signature_of(program, batch_dim, DimRange(min=1, max=batch_max))
     on_host, pipeline = serving(run, signature, device)
     return LoadedModel(on_host, signature, batch_max, loader, device, batch_dim, pipeline=pipeline)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kiln.enums import Loader
 from kiln.manifest import Validation
 from kiln.runtime.errors import ValidationFailed
 
@@ -61,7 +62,7 @@ def _child(argv: list[str]) -> int:
     points: list[dict[str, int]] = json.loads(points_arg)
     atol, rtol = float(atol_arg), float(rtol_arg)
     model = load_artifact(Path(artifact), device)  # first, as in a pod: the lean loader imports no torch
-    if model.loader == "lean" and "torch" in sys.modules:
+    if model.loader == Loader.lean and "torch" in sys.modules:
         return _report(error="the lean loader imported torch's Python package")
     import numpy as np
     import torch
@@ -70,7 +71,7 @@ def _child(argv: list[str]) -> int:
     from kiln.runtime.tensors import bf16_values, example_arrays
     from kiln.runtime.torch_arrays import to_numpy, to_torch
 
-    if model.loader == "torchscript":  # the reference is the TorchScript file itself: this checks load and shapes
+    if model.loader == Loader.torchscript:  # the reference is the TorchScript file itself: this checks load and shapes
         reference = torch.jit.load(program_path, map_location=device)
     else:
         reference = load_exported(Path(program_path)).module()

@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ import pytest
 from examples import models
 from kiln.devcluster.cli import ensure_binaries
 from kiln.devcluster.cluster import LocalCluster
-
-GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+from tests.support.kube import GPU_PRODUCT, LONG, REPO, Kube, dump_logs
 
 NODES: list[dict[str, object]] = [
     {"name": "cpu-0", "cpu": 8, "memory": "32Gi"},
@@ -42,41 +40,6 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
-class Kube:
-    """kubectl in one namespace, with JSON helpers and polling."""
-
-    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
-        self.cluster = cluster
-        self.namespace = namespace
-
-    def run(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.cluster.kubectl("-n", self.namespace, *args, check=check, input=input)
-
-    def apply(self, manifest: str) -> subprocess.CompletedProcess[str]:
-        return self.run("apply", "-f", "-", input=manifest, check=False)
-
-    def get(self, *args: str) -> Any:
-        out = self.run("get", *args, "-o", "json", check=False)
-        return json.loads(out.stdout) if out.returncode == 0 else None
-
-    def wait_for(self, what: Callable[[], Any], timeout: float = 60, every: float = 0.3, message: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = what()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or what}")
-            time.sleep(every)
-
-
-def dump_logs(cluster: LocalCluster, tail: int = 30) -> None:
-    agent = cluster.agent_root / "pods"
-    for log_file in sorted(cluster.log_dir.glob("*.log")) + sorted(agent.glob("*/*.log") if agent else []):
-        lines = log_file.read_text(errors="replace").splitlines()[-tail:]
-        print(f"==== {log_file} (last {tail} lines)\n" + "\n".join(lines))
-
-
 @pytest.fixture
 def kube(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Kube]:
     ns = f"t-{uuid.uuid4().hex[:8]}"
@@ -91,9 +54,6 @@ def kube(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Kube
         dump_logs(cluster)
     if not os.environ.get("KILN_KEEP_NAMESPACES"):
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -116,13 +76,6 @@ def mlp_archive(archive_dir: Path) -> Path:
 
 
 # --- the reliability report: one row per fault test, printed at the end and written for the docs ---
-
-LONG = os.environ.get("KILN_LONG") == "1"
-
-
-def trials(quick: int, long: int) -> int:
-    """How many times a fault is injected: `quick` in CI, `long` with KILN_LONG=1."""
-    return long if LONG else quick
 
 
 @dataclass

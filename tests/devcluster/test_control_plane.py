@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GPU_PRODUCT, Kube
+from tests.support.kube import GPU_PRODUCT, Kube
 
 pytestmark = pytest.mark.cluster
 

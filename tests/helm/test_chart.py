@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import filecmp
 import json
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from kiln.devcluster.cli import ensure_binaries
-from kiln.devcluster.cluster import LocalCluster
-from tests.conftest import Kube
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "kiln"
-
-
-def helm(*args: str, cluster: LocalCluster | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [str(ensure_binaries() / "helm"), *args]
-    if cluster is not None:
-        cmd.append(f"--kubeconfig={cluster.kubeconfig}")
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=300)
+from tests.support.kube import CHART, REPO, Kube, helm
 
 
 def test_chart_crds_are_the_generated_ones() -> None:
     names = sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
     assert names == sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
-    match, mismatch, errors = filecmp.cmpfiles(REPO / "crds", CHART / "crds", names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(REPO / "crds", CHART / "crds", names, shallow=False)
     assert not mismatch and not errors, f"helm/kiln/crds differs from crds/: {mismatch + errors}"
 
 
@@ -56,7 +43,11 @@ def test_rendered_manifests_pass_the_api_servers_validation(kube: Kube, crds: No
     result = kube.cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
     assert result.returncode == 0, result.stderr
     kinds = {line.split()[0] for line in result.stdout.splitlines()}
-    assert {"serviceaccount/kiln", "deployment.apps/kiln", "clusterrole.rbac.authorization.k8s.io/kiln-cluster"} <= kinds
+    assert {
+        "serviceaccount/kiln",
+        "deployment.apps/kiln",
+        "clusterrole.rbac.authorization.k8s.io/kiln-cluster",
+    } <= kinds
 
 
 @pytest.mark.cluster
@@ -64,9 +55,23 @@ def test_helm_install_runs_an_operator_that_reconciles_and_uninstall_cleans_up(
     kube: Kube, crds: None, mlp_archive: Path
 ) -> None:
     ns = kube.namespace
-    release = helm("install", "kiln", str(CHART), "--namespace", ns, "--set", f"watchNamespaces={{{ns}}}",
-                   "--set", "runtimeImage=kiln-runtime:helm", "--set", "artifactGcGraceSeconds=5",
-                   "--wait", "--timeout=120s", cluster=kube.cluster, check=False)
+    release = helm(
+        "install",
+        "kiln",
+        str(CHART),
+        "--namespace",
+        ns,
+        "--set",
+        f"watchNamespaces={{{ns}}}",
+        "--set",
+        "runtimeImage=kiln-runtime:helm",
+        "--set",
+        "artifactGcGraceSeconds=5",
+        "--wait",
+        "--timeout=120s",
+        cluster=kube.cluster,
+        check=False,
+    )
     assert release.returncode == 0, release.stderr
     assert "kubectl get torchmodels" in release.stdout  # NOTES.txt
     pod = kube.get("pods", "-l", "app.kubernetes.io/name=kiln")["items"][0]
@@ -81,8 +86,12 @@ spec:
   compile: {{dynamicBatch: {{max: 4}}}}
   targets: [{{gpu: cpu}}]
 """)
-    kube.wait_for(lambda: ((kube.get("tm", "helm-mlp") or {}).get("status") or {}).get("phase") == "Ready", 420,
-                  every=1, message="TorchModel Ready under the Helm-installed operator")
+    kube.wait_for(
+        lambda: ((kube.get("tm", "helm-mlp") or {}).get("status") or {}).get("phase") == "Ready",
+        420,
+        every=1,
+        message="TorchModel Ready under the Helm-installed operator",
+    )
     artifact = kube.get("compiledartifacts")["items"][0]
     assert artifact["spec"]["runtimeImage"] == "kiln-runtime:helm"  # the chart's setting reached the operator
 

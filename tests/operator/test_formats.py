@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from examples import models
-from tests.conftest import Kube
-from tests.operator.conftest import Operator
-from tests.operator.helpers import infer, ready_pod_ips, wait_phase
+from tests.support.kube import Kube, Operator
+from tests.support.torchmodels import infer, ready_pod_ips, wait_phase
 
 pytestmark = pytest.mark.cluster
 SEED = 3

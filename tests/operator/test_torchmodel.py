@@ -16,9 +16,8 @@ import torch
 
 from examples import models
 from kiln.devcluster.cluster import LocalCluster
-from tests.conftest import GPU_PRODUCT, Kube
-from tests.operator.conftest import Operator
-from tests.operator.helpers import compile_jobs, infer, job_pods, ready_pod_ips, status, torchmodel, wait_phase
+from tests.support.kube import GPU_PRODUCT, Kube, Operator
+from tests.support.torchmodels import compile_jobs, infer, job_pods, ready_pod_ips, status, torchmodel, wait_phase
 
 pytestmark = pytest.mark.cluster
 

@@ -23,10 +23,17 @@ from examples import models
 from kiln.devcluster.cluster import LocalCluster
 from kiln.manifest import Manifest, corrupt_files
 from kiln.operator import naming
-from tests.conftest import Kube, trials
-from tests.operator.conftest import Operator
-from tests.operator.helpers import compile_jobs, infer, job_pods, status, torchmodel, wait_phase
-from tests.reliability.conftest import cache_folder, steady_model
+from tests.support.kube import Kube, Operator, trials
+from tests.support.torchmodels import (
+    cache_folder,
+    compile_jobs,
+    infer,
+    job_pods,
+    status,
+    steady_model,
+    torchmodel,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.cluster
 

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Kube
-from tests.operator.conftest import Operator
-from tests.operator.helpers import status, torchmodel, wait_phase
+from tests.support.kube import Kube, Operator
+from tests.support.torchmodels import status, torchmodel, wait_phase
 
 pytestmark = pytest.mark.cluster
 

@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from kiln.devcluster.cluster import LocalCluster
-from tests.conftest import Kube
-from tests.helm.test_chart import CHART, helm
-from tests.operator.helpers import compile_jobs, job_pods, torchmodel, wait_phase
+from tests.support.kube import CHART, Kube, helm
+from tests.support.torchmodels import compile_jobs, job_pods, torchmodel, wait_phase
 
 pytestmark = pytest.mark.cluster
 

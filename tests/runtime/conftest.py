@@ -5,48 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from examples import models
-
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Artifact:
-    name: str
-    archive: Path
-    cache: Path
-    key: str
-
-    @property
-    def folder(self) -> Path:
-        return self.cache / self.key
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def compile_cmd(archive: Path, cache: Path, term: Path, *extra: str) -> list[str]:
-    return [
-        str(BIN / "kiln-compile"),
-        f"--uri=file://{archive}",
-        f"--cache={cache}",
-        f"--termination-log={term}",
-        *extra,
-    ]
+from kiln.devcluster.cluster import free_port
+from tests.support.serving import BIN, Artifact, Server, compile_cmd
 
 
 @pytest.fixture(scope="session")
@@ -78,20 +47,6 @@ def compiled(archives: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         assert proc.returncode == 0, log
         out[name] = Artifact(name, archives[name], cache, json.loads(term.read_text())["key"])
     return out
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-        self.client = httpx.Client(base_url=url, timeout=30)
-
-    def metric(self, name: str) -> float:
-        text = self.client.get("/metrics").text
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
 
 
 @pytest.fixture

@@ -14,13 +14,7 @@ from kiln.manifest import Manifest, corrupt_files
 from kiln.runtime import cache
 from kiln.runtime.errors import ValidationFailed
 from kiln.runtime.validate import validate_in_child
-from tests.runtime.conftest import Artifact, compile_cmd
-
-
-def run_compile(archive: Path, cache_dir: Path, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], str]:
-    term = tmp / "termination-log"
-    proc = subprocess.run(compile_cmd(archive, cache_dir, term, *extra), capture_output=True, text=True, timeout=600)
-    return proc, term.read_text() if term.exists() else ""
+from tests.support.serving import Artifact, compile_cmd, run_compile
 
 
 def test_compile_publishes_package_runner_and_manifest(compiled: dict[str, Artifact]) -> None:

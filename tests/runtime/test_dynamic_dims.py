@@ -19,8 +19,7 @@ from examples import models
 from kiln.manifest import Manifest
 from kiln.runtime.tensors import bf16_bits, bf16_values
 from kiln.runtime.torch_arrays import BY_TORCH
-from tests.runtime.conftest import Server
-from tests.runtime.test_compile import run_compile
+from tests.support.serving import Server, run_compile
 
 ENCODER_INPUTS = ["ids", "mask"]
 

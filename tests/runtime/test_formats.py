@@ -20,9 +20,7 @@ import pytest
 import torch
 
 from examples import models
-from tests.runtime.conftest import Artifact, Server
-from tests.runtime.test_compile import run_compile
-from tests.runtime.test_serve import infer_json, outputs_of
+from tests.support.serving import Artifact, Server, infer_json, outputs_of, run_compile
 
 WEIGHTS_SEED = 7  # not the seed a fresh module would get: equal outputs prove the weights were loaded
 
@@ -125,7 +123,7 @@ def test_zip_archive_prepared_for_jit_replicas_honours_torch_compile_arguments( 
 def test_a_bogus_jit_backend_is_refused_with_the_allowed_list(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     server = serve("--mode=jit", "--archive=file:///x.pt2", "--jit-backend=tvm", wait_ready=False)
     assert server.proc.wait(timeout=60) == 2
-    assert "--jit-backend must be one of inductor, aot_eager, eager, cudagraphs, not 'tvm'" in server.log.read_text()
+    assert "--jit-backend: expected one of inductor, aot_eager, eager, cudagraphs, not 'tvm'" in server.log.read_text()
 
 
 def test_thread_pools_follow_the_declared_cpu_limit_not_the_cores(  # type: ignore[no-untyped-def]

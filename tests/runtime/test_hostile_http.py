@@ -19,8 +19,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from torch import nn
 
-from tests.conftest import trials
-from tests.runtime.conftest import Artifact
+from tests.support.kube import trials
+from tests.support.serving import Artifact
 
 EXAMPLES = trials(60, 1000)  # per operation and generation mode
 

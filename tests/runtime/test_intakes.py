@@ -14,8 +14,7 @@ import httpx
 import torch
 
 from examples import models
-from tests.runtime.conftest import Artifact, Server
-from tests.runtime.test_serve import infer_json, json_body, outputs_of
+from tests.support.serving import Artifact, Server, infer_json, json_body, outputs_of
 
 
 def children(pid: int) -> list[int]:

@@ -11,8 +11,7 @@ import torch
 
 from examples import models
 from kiln.runtime.aoti_shim import host_copy
-from tests.runtime.conftest import Artifact, Server
-from tests.runtime.test_serve import infer_json, outputs_of
+from tests.support.serving import Artifact, Server, infer_json, outputs_of
 
 
 def assert_answers_like_eager(server: Server) -> None:

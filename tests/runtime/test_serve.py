@@ -18,25 +18,7 @@ import tritonclient.http as triton
 
 from examples import models
 from kiln.manifest import Manifest
-from tests.runtime.conftest import Artifact, Server
-
-
-def json_body(inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> dict[str, object]:
-    return {
-        "inputs": [
-            {"name": n, "shape": list(t.shape), "datatype": "FP32", "data": t.flatten().tolist()}
-            for n, t in zip(input_names, inputs, strict=True)
-        ]
-    }
-
-
-def infer_json(server: Server, name: str, inputs: tuple[torch.Tensor, ...], input_names: list[str]) -> httpx.Response:
-    return server.client.post(f"/v2/models/{name}/infer", json=json_body(inputs, input_names))
-
-
-def outputs_of(response: httpx.Response) -> list[torch.Tensor]:
-    assert response.status_code == 200, response.text
-    return [torch.tensor(o["data"]).reshape(o["shape"]) for o in response.json()["outputs"]]
+from tests.support.serving import Artifact, Server, infer_json, outputs_of
 
 
 @pytest.fixture
