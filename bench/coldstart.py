@@ -1,6 +1,6 @@
 """Replica cold start: process start → first correct HTTP answer, for eager, torch.compile and Kiln AOT.
 
-    python -m bench.coldstart --models mlp,resnet50,bert --device cuda --out bench/results/coldstart.json
+    python -m bench.coldstart --models mlp,resnet50,bert --device cuda --out docs/results/coldstart-cuda.json
 
 Each mode starts `kiln-serve` in a fresh process and polls /infer until the answer
 matches eager PyTorch: eager; jit with an empty inductor cache; jit with the

@@ -6,6 +6,7 @@ sequence length is dynamic too (2..64), and `mixed` takes int64, fp16 and bf16 i
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -96,9 +97,15 @@ def examples(name: str, batch: int = 2, seed: int = 0, length: int = 5) -> tuple
     return (torch.randn(batch, 3, 16, 16, generator=g),)
 
 
+_BUILDING = threading.Lock()
+
+
 def build(name: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return BUILDERS[name]().eval()
+    """The model with weights from `seed` alone: builds in other threads cannot interleave with
+    it, and the global random state is left as it was (tests do not depend on their order)."""
+    with _BUILDING, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BUILDERS[name]().eval()
 
 
 def export(name: str, path: Path, dynamic: bool = True, seed: int = 0) -> Path:

@@ -24,90 +24,46 @@ class Metrics:
         self.requests = Counter(
             "kiln_requests", "Inference requests by model and HTTP status.", ["model", "status"], registry=self.registry
         )
-        self.latency = Histogram(
-            "kiln_request_duration_seconds",
-            "Inference request latency.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = self._histogram("kiln_request_duration_seconds", "Inference request latency.")
+        self.queue = self._histogram("kiln_queue_seconds", "Time a batch's first request waited in the queue.")
+        self.batch_size = self._histogram(
+            "kiln_batch_size", "Rows per model call after dynamic batching.", BATCH_BUCKETS
         )
-        self.queue = Histogram(
-            "kiln_queue_seconds",
-            "Time a batch's first request waited in the queue.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.batch_requests = self._histogram(
+            "kiln_batch_requests", "Requests merged into one model call.", BATCH_BUCKETS
         )
-        self.batch_size = Histogram(
-            "kiln_batch_size",
-            "Rows per model call after dynamic batching.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_requests = Histogram(
-            "kiln_batch_requests",
-            "Requests merged into one model call.",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
-        self.load_seconds = Gauge(
-            "kiln_model_load_seconds",
-            "Seconds to load the model (before warm-up).",
-            ["model", "loader"],
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
-        self.loader = Gauge(
-            "kiln_model_loader",
-            "1 for the loader the model runs on (lean: no torch import) and why the lean one was not used.",
-            ["model", "loader", "fallback"],
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
-        self.warmup_seconds = Gauge(
-            "kiln_model_warmup_seconds",
-            "Seconds of warm-up inference.",
-            ["model"],
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
-        self.inflight = Gauge(
-            "kiln_inflight_requests",
-            "Inference requests being handled, all processes.",
-            ["model"],
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self.intake_inflight = Gauge(
-            "kiln_intake_inflight_requests",
-            "Inference requests being handled, per intake process (pid).",
-            ["model"],
-            registry=self.registry,
-            multiprocess_mode="liveall",
-        )
-        self.queue_depth = Gauge(
-            "kiln_queue_depth",
-            "Requests waiting for the model.",
-            ["model"],
-            registry=self.registry,
-            multiprocess_mode="livesum",
-        )
-        self.intake_seconds = Histogram(
+        self.intake_seconds = self._histogram(
             "kiln_intake_seconds",
             "Time an intake process spent on a request: reading, checking, answering (not the model's part).",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.model_seconds = Histogram(
-            "kiln_model_seconds",
-            "Time a request spent in the model process: queue, batch and model call.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.model_seconds = self._histogram(
+            "kiln_model_seconds", "Time a request spent in the model process: queue, batch and model call."
         )
+        # Gauges say how processes combine in multiprocess mode: max of one value, sum of the live ones, each.
+        self.load_seconds = self._gauge(
+            "kiln_model_load_seconds", "Seconds to load the model (before warm-up).", "max", "loader"
+        )
+        self.loader = self._gauge(
+            "kiln_model_loader",
+            "1 for the loader the model runs on (lean: no torch import) and why the lean one was not used.",
+            "max",
+            "loader",
+            "fallback",
+        )
+        self.warmup_seconds = self._gauge("kiln_model_warmup_seconds", "Seconds of warm-up inference.", "max")
+        self.inflight = self._gauge(
+            "kiln_inflight_requests", "Inference requests being handled, all processes.", "livesum"
+        )
+        self.intake_inflight = self._gauge(
+            "kiln_intake_inflight_requests", "Inference requests being handled, per intake process (pid).", "liveall"
+        )
+        self.queue_depth = self._gauge("kiln_queue_depth", "Requests waiting for the model.", "livesum")
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, mode: str, *labels: str) -> Gauge:
+        return Gauge(name, doc, ["model", *labels], registry=self.registry, multiprocess_mode=mode)
 
     def render(self) -> bytes:
         """The text exposition: this registry, or every process's values in multiprocess mode."""

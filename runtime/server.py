@@ -278,10 +278,15 @@ async def load_in_process(http: HttpServer) -> None:
     await http.build_api_later()
 
 
+def new_plane(settings: ServeSettings) -> DataPlane:
+    """The dataplane of the process that runs the model, with its metrics."""
+    return DataPlane(settings.model_name, batch_settings(settings), Metrics())
+
+
 async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
     """The model process in front of intake processes: load, tell them ready, answer their frames, drain."""
-    metrics = Metrics()
-    plane = DataPlane(settings.model_name, batch_settings(settings), metrics)
+    plane = new_plane(settings)
+    metrics = plane.metrics
     plane.intakes = pool.total
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -323,9 +328,8 @@ def serve(settings: ServeSettings, pool: IntakePool | None = None) -> int:
     if pool is not None:
         with asyncio.Runner(loop_factory=fast_loop()) as runner:
             return runner.run(serve_model_process(settings, pool))
-    metrics = Metrics()
-    plane = DataPlane(settings.model_name, batch_settings(settings), metrics)
-    return HttpServer(settings, plane, metrics, load_in_process).run()
+    plane = new_plane(settings)
+    return HttpServer(settings, plane, plane.metrics, load_in_process).run()
 
 
 if __name__ == "__main__":

@@ -56,12 +56,13 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     def start(*args: str, wait_ready: bool = True, timeout: float = 120) -> Server:
         port = free_port()
         log = tmp_path / f"serve-{port}.log"
-        proc = subprocess.Popen(
-            [str(BIN / "kiln-serve"), "--host=127.0.0.1", f"--port={port}", *args],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with log.open("w") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [str(BIN / "kiln-serve"), "--host=127.0.0.1", f"--port={port}", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         server = Server(proc, f"http://127.0.0.1:{port}", log)
         started.append(server)
         deadline = time.monotonic() + timeout
@@ -80,6 +81,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in started:
+        server.client.close()
         if server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGKILL)
             server.proc.wait()

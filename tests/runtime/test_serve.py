@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import shutil
 import signal
@@ -60,20 +61,20 @@ def test_health_and_metadata_follow_the_v2_protocol(mlp_server: Server) -> None:
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_tritonclient_infers_with_json_and_binary_data(mlp_server: Server, binary: bool) -> None:
-    client = triton.InferenceServerClient(mlp_server.url.removeprefix("http://"))
-    assert client.is_server_ready() and client.is_model_ready("mlp")
-    x, y = models.examples("mlp", 5, seed=7)
-    inputs = [triton.InferInput("x", [5, 16], "FP32"), triton.InferInput("y", [5, 4], "FP32")]
-    inputs[0].set_data_from_numpy(x.numpy(), binary_data=binary)
-    inputs[1].set_data_from_numpy(y.numpy(), binary_data=binary)
-    outputs = [
-        triton.InferRequestedOutput("output0", binary_data=binary),
-        triton.InferRequestedOutput("output1", binary_data=binary),
-    ]
-    result = client.infer("mlp", inputs, outputs=outputs)
-    want = models.eager("mlp", x, y)
-    np.testing.assert_allclose(result.as_numpy("output0"), want[0].numpy(), atol=1e-4, rtol=1e-3)
-    np.testing.assert_allclose(result.as_numpy("output1"), want[1].numpy(), atol=1e-4, rtol=1e-3)
+    with contextlib.closing(triton.InferenceServerClient(mlp_server.url.removeprefix("http://"))) as client:
+        assert client.is_server_ready() and client.is_model_ready("mlp")
+        x, y = models.examples("mlp", 5, seed=7)
+        inputs = [triton.InferInput("x", [5, 16], "FP32"), triton.InferInput("y", [5, 4], "FP32")]
+        inputs[0].set_data_from_numpy(x.numpy(), binary_data=binary)
+        inputs[1].set_data_from_numpy(y.numpy(), binary_data=binary)
+        outputs = [
+            triton.InferRequestedOutput("output0", binary_data=binary),
+            triton.InferRequestedOutput("output1", binary_data=binary),
+        ]
+        result = client.infer("mlp", inputs, outputs=outputs)
+        want = models.eager("mlp", x, y)
+        np.testing.assert_allclose(result.as_numpy("output0"), want[0].numpy(), atol=1e-4, rtol=1e-3)
+        np.testing.assert_allclose(result.as_numpy("output1"), want[1].numpy(), atol=1e-4, rtol=1e-3)
 
 
 def test_concurrent_requests_are_merged_into_batches(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
