@@ -62,3 +62,55 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def encode_grpc(model: str, names: list[str], arrays: list[np.ndarray]) -> bytes:
+    """A serialized ModelInferRequest with raw_input_contents (what tritonclient.grpc sends)."""
+    from kiln.runtime import oip_v2_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor
+    return pb.ModelInferRequest(
+        model_name=model,
+        inputs=[tensor(name=n, datatype=_datatype(a), shape=list(a.shape)) for n, a in zip(names, arrays, strict=True)],
+        raw_input_contents=[np.ascontiguousarray(a).tobytes() for a in arrays],
+    ).SerializeToString()
+
+
+def decode_grpc(reply: bytes) -> list[np.ndarray]:
+    from kiln.runtime import oip_v2_pb2 as pb
+
+    message = pb.ModelInferResponse.FromString(reply)
+    return [
+        np.frombuffer(raw, dtype=NP_BY_NAME[o.datatype]).reshape(list(o.shape))
+        for o, raw in zip(message.outputs, message.raw_output_contents, strict=True)
+    ]
+
+
+class GrpcClient:
+    """One gRPC connection of its own (a local subchannel pool: channels in a process do not share one)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60) -> None:
+        import grpc
+
+        self.channel = grpc.insecure_channel(
+            f"{host}:{port}",
+            options=[
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.max_send_message_length", 256 << 20),
+            ],
+        )
+        self.call = self.channel.unary_unary(GRPC_INFER)  # bytes in, bytes out: the request is serialized once
+        self.timeout = timeout
+
+    def infer(self, request: bytes) -> bytes | None:
+        """The serialized reply, or None when the call failed."""
+        import grpc
+
+        try:
+            return bytes(self.call(request, timeout=self.timeout))
+        except grpc.RpcError:
+            return None

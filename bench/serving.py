@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 
 from bench import models
-from bench.client import Client, decode, encode
+from bench.client import Client, GrpcClient, decode, decode_grpc, encode, encode_grpc
 from bench.coldstart import free_port, matches, serve_command
 from bench.hardware import describe
 
-Variant = tuple[bytes, dict[str, str], np.ndarray]  # a request body, its headers, eager PyTorch's answer
+Variant = tuple[bytes, dict[str, str], np.ndarray]  # a request body (or gRPC message), its headers, eager's answer
 
 
 def _worker(
@@ -54,16 +54,21 @@ def _worker(
     deadline = time.perf_counter() + seconds
 
     def loop(i: int) -> None:
-        client = Client("127.0.0.1", port)
+        grpc = path == "grpc"
+        client: Any = GrpcClient("127.0.0.1", port) if grpc else Client("127.0.0.1", port)
         mine, k = [], i
         while time.perf_counter() < deadline:
             sent, sent_headers, expected = variants[k % len(variants)] if variants else (body, headers, None)
             k += 1
             start = time.perf_counter()
-            status, data, split = client.infer(model, sent, sent_headers, path)
+            if grpc:
+                reply = client.infer(sent)
+                status, data, split = (200, reply, None) if reply is not None else (0, b"", None)
+            else:
+                status, data, split = client.infer(model, sent, sent_headers, path)
             if status == 200:
                 mine.append(time.perf_counter() - start)
-                got = decode(data, split)[0] if expected is not None else None
+                got = (decode_grpc(data) if grpc else decode(data, split))[0] if expected is not None else None
                 if got is not None and trim:  # a padded request: its answer's leading rows are the real ones
                     got = got[tuple(slice(0, n) for n in expected.shape)]
                 if got is not None and not matches(got, expected):
@@ -92,7 +97,8 @@ def load(
     variants: list[Variant] | None = None,
     trim: bool = False,
 ) -> dict[str, Any]:
-    """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers.
+    """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers
+    ("grpc": `port` is kiln-serve's gRPC port and bodies are serialized ModelInferRequests).
     With `variants` (bodies, their headers and eager answers), connection i sends variants i, i+1, … in turn and
     checks every answer (`trim`: against the answer's leading part, for requests padded by the client)."""
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
@@ -123,8 +129,8 @@ def load(
     }
 
 
-def answers(model: str, device: str, n: int) -> list[Variant]:
-    """`n` different batch-1 request bodies and eager PyTorch's answers to them."""
+def answers(model: str, device: str, n: int, grpc: bool = False) -> list[Variant]:
+    """`n` different batch-1 request bodies (gRPC messages) and eager PyTorch's answers to them."""
     import torch
 
     eager = models.build(model).to(device)
@@ -134,7 +140,9 @@ def answers(model: str, device: str, n: int) -> list[Variant]:
         with torch.inference_mode():
             result = eager(*(t.to(device) for t in args))
         first = result[0] if isinstance(result, tuple) else result
-        out.append((*encode(models.names(model), [t.numpy() for t in args]), first.float().cpu().numpy()))
+        arrays = [t.numpy() for t in args]
+        request = (encode_grpc(model, models.names(model), arrays), {}) if grpc else encode(models.names(model), arrays)
+        out.append((*request, first.float().cpu().numpy()))
     return out
 
 
@@ -170,6 +178,7 @@ def serve(
     loader: str = "lean",
     batch_max: int = 64,
     intakes: int = -1,
+    grpc_port: int = 0,
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     batch = (
@@ -178,7 +187,14 @@ def serve(
         else ["--max-batch-size=1", "--max-delay-ms=0"]
     )
     cmd = serve_command(
-        port, model, device, f"--artifact={artifact}", "--max-queue=4096", f"--intake-processes={intakes}", *batch
+        port,
+        model,
+        device,
+        f"--artifact={artifact}",
+        "--max-queue=4096",
+        f"--intake-processes={intakes}",
+        f"--grpc-port={grpc_port}",
+        *batch,
     )
     env = {**os.environ, "KILN_LOADER": loader}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -237,14 +253,18 @@ def main() -> int:
     p.add_argument(
         "--intakes", default="0,-1", help="--intake-processes values to compare (0: one process; -1: kiln's default)"
     )
+    p.add_argument("--protocols", default="http", help="http, grpc or both (the same server answers both)")
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
+    protocols = a.protocols.split(",")
     hardware = describe(a.device)
     conc = [int(c) for c in a.concurrency.split(",")]
     args = models.inputs(a.model, 1)
     body, headers = encode(models.names(a.model), [t.numpy() for t in args])
-    variants = answers(a.model, a.device, 8)
+    variants = {"http": answers(a.model, a.device, 8)}
+    if "grpc" in protocols:
+        variants["grpc"] = answers(a.model, a.device, 8, grpc=True)
     rows = []
     limits: dict[str, dict[int, dict[str, float]]] = {}
     for loader, intakes, batching in itertools.product(
@@ -256,18 +276,23 @@ def main() -> int:
             limits[loader] = in_process(a.artifact, a.device, a.model, batches, a.seconds / 2)
         limit = limits[loader]
         log = Path(f"/tmp/serve-{loader}-{intakes}-{int(batching)}.log")
-        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader, intakes=intakes)
+        grpc_port = free_port() if "grpc" in protocols else 0
+        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader, intakes=intakes, grpc_port=grpc_port)
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
             floor = empty_round_trip(port)
             processes = intake_processes(port, a.model)
-            for c in conc:
+            for protocol, c in itertools.product(protocols, conc):
                 rows_before, calls_before = batch_totals(port)
-                r = load(port, a.model, body, headers, c, a.seconds, variants=variants)
+                if protocol == "grpc":
+                    r = load(grpc_port, a.model, b"", {}, c, a.seconds, path="grpc", variants=variants["grpc"])
+                else:
+                    r = load(port, a.model, body, headers, c, a.seconds, variants=variants["http"])
                 rows_after, calls_after = batch_totals(port)
                 r["mean_batch"] = (rows_after - rows_before) / max(1.0, calls_after - calls_before)
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
+                    "protocol": protocol,
                     "batching": batching,
                     "loader": loader,
                     "intake_processes": processes,
@@ -278,7 +303,8 @@ def main() -> int:
                 }
                 rows.append(r)
                 print(
-                    f"[serving] {loader} intakes={processes} batching={batching} c={c}: {r['rps']:.0f} req/s "
+                    f"[serving] {protocol} {loader} intakes={processes} batching={batching} c={c}: "
+                    f"{r['rps']:.0f} req/s "
                     f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms, mean batch {r['mean_batch']:.1f}) "
                     f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
                     flush=True,
@@ -286,16 +312,17 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-    print(f"\nServing {a.model} over HTTP vs in-process; hardware: {hardware}\n")
+    print(f"\nServing {a.model} over {' and '.join(protocols)} vs in-process; hardware: {hardware}\n")
     print(
-        "| loader | intake processes | batching | concurrency | HTTP req/s | mean batch | p50 ms | p99 ms "
-        "| in-process rows/s (same batch) | HTTP / in-process | in-process p50 ms (batch 1) | empty request p50 ms "
-        "| errors | wrong answers |"
+        "| protocol | loader | intake processes | batching | concurrency | req/s | mean batch | p50 ms | p99 ms "
+        "| in-process rows/s (same batch) | served / in-process | in-process p50 ms (batch 1) "
+        "| empty HTTP request p50 ms | errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
+            f"| {r['protocol']} | {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} "
+            f"| {r['concurrency']} "
             f"| {r['rps']:.0f} | {r['mean_batch']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} "
             f"| {r['errors']} | {r['wrong']} |"

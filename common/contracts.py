@@ -74,6 +74,7 @@ class ServeFlags(Flags):
     device: Literal["cpu", "cuda"]
     host: str
     port: int
+    grpc_port: int
     max_batch_size: int
     max_delay_ms: float
     max_queue: int

@@ -220,6 +220,7 @@ def _serve_args(model: TorchModel, name: str, target: Target, key: str | None, s
         device="cpu" if target.is_cpu else "cuda",
         host="$(POD_IP)",
         port=settings.serve_port,
+        grpc_port=settings.grpc_port,
         max_batch_size=min(batching.max_batch_size, spec.compile.dynamic_batch.max),
         max_delay_ms=batching.max_delay_ms,
         max_queue=batching.max_queue,
@@ -273,7 +274,10 @@ def deployment(
         "command": ["kiln-serve"],
         "args": _serve_args(model, name, target, key, settings),
         "env": env,
-        "ports": [{"name": "http", "containerPort": settings.serve_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": settings.serve_port, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": settings.grpc_port, "protocol": "TCP"},
+        ],
         "startupProbe": {
             **probe,
             "periodSeconds": startup_period,
@@ -358,7 +362,16 @@ def service(model: TorchModel, target: Target, owner_uid: str, settings: Operato
         },
         "spec": {
             "selector": naming.serving_selector(name, target.gpu),
-            "ports": [{"name": "http", "port": settings.serve_port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": settings.serve_port, "targetPort": "http", "protocol": "TCP"},
+                {
+                    "name": "grpc",
+                    "port": settings.grpc_port,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "kubernetes.io/h2c",  # gRPC is HTTP/2 in clear text: meshes and gateways route it so
+                },
+            ],
         },
     }
 

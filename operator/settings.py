@@ -47,5 +47,8 @@ class OperatorSettings(BaseSettings):
     ] = 3600
     resync_seconds: Annotated[float, Field(gt=0, description="How often every resource is reconciled again.")] = 5.0
     serve_port: Annotated[int, Field(description="Port of kiln-serve in pods and Services.")] = 8080
+    grpc_port: Annotated[
+        int, Field(description="Port of kiln-serve's gRPC service (Open Inference Protocol v2), named grpc.")
+    ] = 8081
     run_as_user: Annotated[int, Field(description="Non-root UID of compile and serving pods.")] = 65532
     cluster_domain: Annotated[str, Field(description="Cluster DNS domain used in status URLs.")] = "cluster.local"

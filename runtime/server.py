@@ -58,9 +58,13 @@ class FastFront:
     HEALTH = {"/v2/health/live", "/v2/health/ready"}
 
     def __init__(
-        self, answer: InferAnswer, build_api: Callable[[], ASGIApp], startup: Callable[[], Coroutine[Any, Any, None]]
+        self,
+        answer: InferAnswer,
+        build_api: Callable[[], ASGIApp],
+        startup: Callable[[], Coroutine[Any, Any, None]],
+        shutdown: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
-        self.answer, self.build_api, self.startup = answer, build_api, startup
+        self.answer, self.build_api, self.startup, self.shutdown = answer, build_api, startup, shutdown
         self.api: asyncio.Future[ASGIApp] | None = None
         self.loading: asyncio.Task[None] | None = None
 
@@ -93,6 +97,7 @@ class FastFront:
             elif message["type"] == "lifespan.shutdown":
                 if self.loading is not None:
                     self.loading.cancel()
+                await self.shutdown()
                 if self.answer.plane.batcher is not None:
                     await self.answer.plane.batcher.stop()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -233,7 +238,33 @@ class HttpServer:
         self.settings, self.plane, self.metrics, self.arena = settings, plane, metrics, arena
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
-        self.asgi = FastFront(InferAnswer(plane, settings.max_body_bytes, metrics), self.api, lambda: startup(self))
+        self.grpc: Any = None  # grpc.aio.Server when --grpc-port is set
+        self.asgi = FastFront(
+            InferAnswer(plane, settings.max_body_bytes, metrics),
+            self.api,
+            lambda: self.starting(startup),
+            self.stopping,
+        )
+
+    async def starting(self, startup: Callable[[HttpServer], Coroutine[Any, Any, None]]) -> None:
+        """The lifespan's start: the gRPC port (it answers not-ready until the model is), then `startup`."""
+        if self.settings.grpc_port:
+            from kiln.runtime import grpc_service  # grpcio: only where gRPC is served
+
+            try:
+                self.grpc = await grpc_service.start(
+                    self.plane, self.metrics, self.settings.host, self.settings.grpc_port, self.settings.max_body_bytes
+                )
+            except OSError as exc:
+                self.failure = f"GrpcPortUnavailable: {exc}"
+                self.stop()
+                return
+        await startup(self)
+
+    async def stopping(self) -> None:
+        """The lifespan's end (HTTP has drained): gRPC calls in flight get the same grace."""
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.graceful_seconds)
 
     def api(self) -> ASGIApp:
         from kiln.runtime.routes import build_api  # FastAPI: imported after the model is ready

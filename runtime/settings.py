@@ -54,6 +54,7 @@ class ServeSettings:
     device: str = opt("cpu", "cpu or cuda.")
     host: str = opt("0.0.0.0", "Address to bind.")
     port: int = opt(8080, "Port to bind.")
+    grpc_port: int = opt(0, "Port of the Open Inference Protocol's gRPC service, on the same address; 0: none.")
     max_batch_size: int = opt(32, "Most rows merged into one model call (capped by the artifact's compiled maximum).")
     max_delay_ms: float = opt(
         2.0, "How long the first request of a batch waits for others; 0 merges only what is queued."

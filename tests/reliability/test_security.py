@@ -134,7 +134,7 @@ def listeners(pid: int) -> list[str]:
     return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
 
 
-def test_pods_are_locked_down_bind_one_port_and_no_secret_reaches_logs(
+def test_pods_are_locked_down_bind_their_ports_only_and_no_secret_reaches_logs(
     fkube: Kube, fault_cluster: LocalCluster, mlp_archive: Path, record: Any
 ) -> None:
     fkube.apply(torchmodel("safe", f"file://{mlp_archive}"))
@@ -157,10 +157,10 @@ def test_pods_are_locked_down_bind_one_port_and_no_secret_reaches_logs(
     template = yaml.safe_load(operator)["spec"]["template"]
     template["spec"]["automountServiceAccountToken"] = False  # exempt from that one check only
     assert not locked_down(template), locked_down(template)
-    # kiln-serve listens on its pod IP and port only: not on every address, and nothing else.
+    # kiln-serve listens on its pod IP and ports only (HTTP, gRPC): not on every address, and nothing else.
     ip = serving[0]["status"]["podIP"]
     pid = int(subprocess.run(["pgrep", "-f", f"kiln-serve.*--host={ip} "], capture_output=True, text=True).stdout)
-    assert listeners(pid) == [f"{ip}:8080"]
+    assert sorted(listeners(pid)) == [f"{ip}:8080", f"{ip}:8081"]
     # No secret in any log, event or status: the API token the operator uses, and the refused password.
     texts = [p.read_text(errors="replace") for p in fault_cluster.log_dir.glob("operator*.log")]
     texts += [p.read_text(errors="replace") for p in (fault_cluster.agent_root / "pods").glob("*/*.log")]
@@ -172,6 +172,7 @@ def test_pods_are_locked_down_bind_one_port_and_no_secret_reaches_logs(
         "pod specs of compile and serving pods, the chart's operator pod, kiln-serve's sockets, every log",
         len(serving) + len(compiling) + 1,
         "nothing: non-root, read-only root, no escalation, ALL capabilities dropped, RuntimeDefault seccomp, "
-        "no token, cache read-only in serving pods; one listener (podIP:8080); no token or password in logs",
+        "no token, cache read-only in serving pods; listeners podIP:8080 (HTTP) and :8081 (gRPC) only; no token or "
+        "password in logs",
         log_files=len(texts) - 2,
     )

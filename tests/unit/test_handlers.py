@@ -120,6 +120,11 @@ def test_a_ready_artifact_rolls_out_serving_pods_and_a_service_then_nothing_chan
     run_model(body, memo, artifacts=artifacts)
     dep, svc = cluster.of("Deployment")[0], cluster.of("Service")[0]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    pod = dep["spec"]["template"]["spec"]["containers"][0]
+    # HTTP and the Open Inference Protocol's gRPC, by name; probes stay on HTTP
+    assert [(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", "http"), ("grpc", "grpc")]
+    assert {p["name"]: p["containerPort"] for p in pod["ports"]} == {"http": 8080, "grpc": 8081}
+    assert "--grpc-port=8081" in pod["args"] and pod["readinessProbe"]["httpGet"]["port"] == "http"
     writes = len(cluster.writes)
     run_model(
         body,
