@@ -30,6 +30,18 @@ from kiln.contracts import CompileSummary
 from kiln.keys import cache_key
 from kiln.manifest import CORRUPT_REASON
 from kiln.operator import children, naming
+from kiln.operator.observed import (
+    ContainerState,
+    Deployment,
+    DeploymentSpec,
+    DeploymentStatus,
+    Job,
+    JobStatus,
+    Meta,
+    Pod,
+    PodStatus,
+    Terminated,
+)
 from kiln.operator.settings import OperatorSettings
 
 # Condition reasons (CamelCase constants).
@@ -74,7 +86,7 @@ class ObservedTarget:
     """What the cluster holds for one target."""
 
     artifact: CompiledArtifactStatus | None = None
-    deployment: dict[str, Any] | None = None
+    deployment: Deployment | None = None
     unschedulable: str | None = None  # the scheduler's message for a pod of this target
 
 
@@ -93,18 +105,19 @@ def serving_key(planned: PlannedTarget, observed: ObservedTarget) -> tuple[bool,
         return True, None
     if observed.artifact is not None and observed.artifact.phase == ArtifactPhase.ready:
         return True, planned.key
-    current = ((observed.deployment or {}).get("metadata", {}).get("annotations") or {}).get(naming.KEY_ANNOTATION)
+    deployment = observed.deployment or Deployment()
+    current = deployment.get("metadata", Meta()).get("annotations", {}).get(naming.KEY_ANNOTATION)
     return (current is not None), current
 
 
-def _replicas(deployment: dict[str, Any] | None) -> tuple[int, int, bool]:
+def _replicas(deployment: Deployment | None) -> tuple[int, int, bool]:
     """(replicas, ready, rolled out) of a Deployment as its controller reports them."""
     if not deployment:
         return 0, 0, False
-    status = deployment.get("status") or {}
-    spec_replicas = deployment.get("spec", {}).get("replicas", 0)
+    status = deployment.get("status", DeploymentStatus())
+    spec_replicas = deployment.get("spec", DeploymentSpec()).get("replicas", 0)
     done = (
-        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+        status.get("observedGeneration", 0) >= deployment.get("metadata", Meta()).get("generation", 0)
         and status.get("updatedReplicas", 0) == spec_replicas
         and status.get("replicas", 0) == spec_replicas
         and status.get("availableReplicas", 0) == spec_replicas
@@ -273,28 +286,30 @@ def reconcile_model(
 # --- CompiledArtifact -------------------------------------------------------------------------------
 
 
-def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+def _terminated(pod: Pod) -> Terminated | None:
+    for status in pod.get("status", PodStatus()).get("containerStatuses", []):
+        state = status.get("state", ContainerState()).get("terminated") or status.get(
+            "lastState", ContainerState()
+        ).get("terminated")
         if state:
-            return dict(state)
+            return state
     return None
 
 
-def job_failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> str | None:
+def job_failure(job: Job, pods: list[Pod]) -> str | None:
     """The reason a compile Job failed: the last pod's termination message, else the Job's condition."""
-    conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
+    conditions = {c.get("type"): c for c in job.get("status", JobStatus()).get("conditions", [])}
     failed = conditions.get("Failed")
     if not failed or failed.get("status") != "True":
         return None
-    messages = [str((_terminated(p) or {}).get("message", "")).strip() for p in pods]
+    messages = [(_terminated(p) or Terminated()).get("message", "").strip() for p in pods]
     messages = [m for m in messages if m]
     if messages:
         return messages[-1].splitlines()[-1][:1000]
     return f"{failed.get('reason', 'Failed')}: {failed.get('message', 'compile job failed')}"
 
 
-def job_success(pods: list[dict[str, Any]]) -> CompileSummary | str | None:
+def job_success(pods: list[Pod]) -> CompileSummary | str | None:
     """The summary kiln-compile left in the termination log of a pod that succeeded, None before
     one has; a string saying why when that log cannot be read (e.g. a runtime image of another version).
     """
@@ -308,11 +323,11 @@ def job_success(pods: list[dict[str, Any]]) -> CompileSummary | str | None:
     return None
 
 
-def unschedulable(pods: list[dict[str, Any]]) -> str | None:
+def unschedulable(pods: list[Pod]) -> str | None:
     for pod in pods:
-        for cond in (pod.get("status") or {}).get("conditions") or []:
+        for cond in pod.get("status", PodStatus()).get("conditions", []):
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
-                return str(cond.get("message", "unschedulable"))
+                return cond.get("message", "unschedulable")
     return None
 
 
@@ -323,13 +338,13 @@ class ArtifactResult:
     event: tuple[str, str, str] | None = None
 
 
-def corruption_report(pod: dict[str, Any]) -> tuple[str, str] | None:
+def corruption_report(pod: Pod) -> tuple[str, str] | None:
     """(finishedAt, message) when a serving pod's container stopped because its artifact failed sha256."""
     state = _terminated(pod)
-    message = (state or {}).get("message") or ""
+    message = (state or Terminated()).get("message", "")
     if state is None or not message.startswith(CORRUPT_REASON):
         return None
-    return str(state.get("finishedAt") or ""), message.splitlines()[0][:300]
+    return state.get("finishedAt", ""), message.splitlines()[0][:300]
 
 
 def rebuild_for_corruption(
@@ -361,8 +376,8 @@ def rebuild_for_corruption(
 
 def reconcile_artifact(
     art: CompiledArtifact,
-    job: dict[str, Any] | None,
-    pods: list[dict[str, Any]],
+    job: Job | None,
+    pods: list[Pod],
     used_by: list[str],
     uid: str,
     settings: OperatorSettings,
@@ -387,7 +402,7 @@ def reconcile_artifact(
         name = want_job["metadata"]["name"]
         summary = job_success(pods) if job else None
         failure = job_failure(job, pods) if job else None
-        if summary is not None and (job or {}).get("status", {}).get("succeeded"):
+        if summary is not None and (job or Job()).get("status", JobStatus()).get("succeeded"):
             read = {} if isinstance(summary, str) else summary.model_dump(include=SUMMARY_IN_STATUS)
             status = status.model_copy(
                 update={

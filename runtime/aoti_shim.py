@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,8 @@ class Container:
         count = ctypes.c_size_t()
         _check(self.lib.AOTInductorModelContainerGetNumOutputs(self.handle, ctypes.byref(count)), "count outputs")
         self.outputs = count.value
-        run_args = [ctypes.c_void_p] * 2 + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_void_p] * 2
+        pointer, size = ctypes.c_void_p, ctypes.c_size_t
+        run_args: list[Any] = [pointer, pointer, size, pointer, size, pointer, pointer]
         self._releasing = self.lib.AOTInductorModelContainerRun
         self._holding = ctypes.PyDLL(str(so)).AOTInductorModelContainerRun  # same function, GIL kept
         self._releasing.argtypes = self._holding.argtypes = run_args
@@ -195,7 +197,8 @@ class LeanCpu:
             span = _span(shape, strides)
             if not span:
                 return np.empty(shape, dtype)
-            source = np.frombuffer((ctypes.c_char * (span * dtype.itemsize)).from_address(ptr), dtype=dtype)
+            memory: Any = (ctypes.c_char * (span * dtype.itemsize)).from_address(ptr)
+            source = np.frombuffer(memory, dtype=dtype)
             return host_copy(source, shape, strides, copy=True)  # the library's memory goes with the handle
         finally:
             self.shim.delete(handle)

@@ -155,12 +155,12 @@ class Batcher:
         batch, rows = [first], first.rows
         if self._batchable:  # same-group requests held back earlier come first
             others: collections.deque[_Pending] = collections.deque()
-            for item in self._held:
-                if item.group == first.group and rows + item.rows <= self._max_batch:
-                    batch.append(item)
-                    rows += item.rows
+            for held in self._held:
+                if held.group == first.group and rows + held.rows <= self._max_batch:
+                    batch.append(held)
+                    rows += held.rows
                 else:
-                    others.append(item)
+                    others.append(held)
             self._held = others
         deadline = time.perf_counter() + self._max_delay
         while self._batchable and rows < self._max_batch:

@@ -9,6 +9,7 @@ variable before prometheus_client is imported) and any intake's /metrics adds th
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,6 +17,8 @@ MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# How a gauge's values from several processes combine: the largest, the sum of live ones, each live one.
+Combine = Literal["max", "livesum", "liveall"]
 
 
 class Metrics:
@@ -62,7 +65,7 @@ class Metrics:
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
         return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
 
-    def _gauge(self, name: str, doc: str, mode: str, *labels: str) -> Gauge:
+    def _gauge(self, name: str, doc: str, mode: Combine, *labels: str) -> Gauge:
         return Gauge(name, doc, ["model", *labels], registry=self.registry, multiprocess_mode=mode)
 
     def render(self) -> bytes:
@@ -72,7 +75,7 @@ class Metrics:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
 
     def observe_batch(self, model: str, rows: int, requests: int, waited: float) -> None:

@@ -16,7 +16,7 @@ echo "== ruff"
 ruff check .
 echo "== import layers (.importlinter)"
 bash .ci/lint-imports
-echo "== mypy (shared core)"
+echo "== mypy --strict (shared core, operator, serve path)"
 mypy
 echo "== pytest ${lane[*]:-(every test)}"
 exec pytest -q -rs "${lane[@]}" "$@"
