@@ -130,8 +130,10 @@ def locked_down(pod: dict[str, Any]) -> list[str]:
 
 
 def listeners(pid: int) -> list[str]:
+    """Listening addresses of a process; an IPv4-mapped IPv6 socket (gRPC makes those) reads as its IPv4 address."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+    found = [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+    return [re.sub(r"^\[::ffff:([0-9.]+)\]", r"\1", address) for address in found]
 
 
 def test_pods_are_locked_down_bind_their_ports_only_and_no_secret_reaches_logs(
