@@ -6,6 +6,7 @@ phase with its duration, then tears everything down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -134,6 +135,19 @@ def main() -> int:
             say(f"max difference from eager PyTorch: {error:.2e}")
             if error > 1e-3:
                 raise RuntimeError("the served answer differs from eager PyTorch")
+        with phase("inference over gRPC (the same protocol, the pod's port grpc)"):
+            import numpy as np
+            import tritonclient.grpc as triton
+
+            with contextlib.closing(triton.InferenceServerClient(f"{ip}:8081")) as client:
+                inputs = [triton.InferInput("x", list(x.shape), "FP32"), triton.InferInput("y", list(y.shape), "FP32")]
+                inputs[0].set_data_from_numpy(x.numpy())
+                inputs[1].set_data_from_numpy(y.numpy())
+                got = client.infer("mlp", inputs).as_numpy("output0")
+            same = bool(np.array_equal(got.flatten(), np.array(out["data"], dtype=np.float32)))
+            say(f"ModelInfer {ip}:8081 (tritonclient.grpc) → output0 {list(got.shape)}; same as over HTTP: {same}")
+            if not same:
+                raise RuntimeError("the gRPC answer differs from the HTTP one")
     finally:
         with phase("tear down"):
             if operator is not None:
