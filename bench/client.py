@@ -1,4 +1,5 @@
-"""A minimal Open Inference Protocol client for benchmarks: binary tensors over keep-alive HTTP."""
+"""A minimal Open Inference Protocol client for benchmarks: binary tensors over keep-alive HTTP, and
+pre-serialized ModelInferRequests (raw_input_contents) over gRPC, one connection per client."""
 
 from __future__ import annotations
 

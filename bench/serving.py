@@ -1,12 +1,13 @@
-"""Serving speed: kiln-serve over HTTP at several concurrencies, with and without dynamic batching,
-against the same compiled model called in-process (the limit).
+"""Serving speed: kiln-serve over HTTP (and gRPC, `--protocols http,grpc`) at several concurrencies,
+with and without dynamic batching, against the same compiled model called in-process (the limit).
 
     python -m bench.serving --model resnet50 --device cuda --artifact /var/tmp/kiln-bench/cache-resnet50/<key>
 
 Each client sends batch-1 requests with binary tensors over keep-alive connections,
 from several processes so the client is not the bottleneck. Each server shape is compared
 in one run: loaders (`--loaders`) and intake-process counts (`--intakes 0,4,-1`); rows also
-give the mean batch the model ran and the p50 of an empty request (the loopback floor).
+give the mean batch the model ran and the p50 of an empty HTTP request (the loopback floor). With
+gRPC, the same server answers both protocols and each row names its protocol.
 """
 
 from __future__ import annotations

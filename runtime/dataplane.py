@@ -137,6 +137,11 @@ class DataPlane:
         self.ready = True
 
     # -- requests --------------------------------------------------------------------
+    @property
+    def reports_ready(self) -> bool:
+        """What readiness probes and the protocol's ready calls answer: loaded, and not draining."""
+        return self.ready and not self.draining
+
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.name!r}")

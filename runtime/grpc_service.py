@@ -102,11 +102,11 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.plane.ready and not self.plane.draining)
+        return pb.ServerReadyResponse(ready=self.plane.reports_ready)
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Message:
         await self.named(request.name, context)
-        return pb.ModelReadyResponse(ready=self.plane.ready and not self.plane.draining)
+        return pb.ModelReadyResponse(ready=self.plane.reports_ready)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="kiln", version=__version__, extensions=[])

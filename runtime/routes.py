@@ -67,7 +67,7 @@ def build_api(plane: DataPlane, metrics: Metrics, answer: InferAnswer) -> FastAP
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        return Response(status_code=200 if plane.ready and not plane.draining else 503)
+        return Response(status_code=200 if plane.reports_ready else 503)
 
     @app.get("/v2/models/{name}", responses={200: {"model": ModelMetadata}, **_errors(404, 503)})
     async def model_metadata(name: str) -> Response:
@@ -77,7 +77,7 @@ def build_api(plane: DataPlane, metrics: Metrics, answer: InferAnswer) -> FastAP
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> Response:
         plane.check_name(name)
-        return Response(status_code=200 if plane.ready and not plane.draining else 503)
+        return Response(status_code=200 if plane.reports_ready else 503)
 
     @app.post(
         "/v2/models/{name}/infer",

@@ -77,7 +77,7 @@ class FastFront:
             await self.infer(name, scope, receive, send)
         elif scope.get("method") == "GET" and scope.get("path") in self.HEALTH:
             plane = self.answer.plane
-            ok = scope["path"].endswith("live") or (plane.ready and not plane.draining)
+            ok = scope["path"].endswith("live") or plane.reports_ready
             await self.reply(send, 200 if ok else 503, b"", [])
         else:
             await (await self.application())(scope, receive, send)
