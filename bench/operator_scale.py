@@ -93,6 +93,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-scale-", dir="/var/tmp"))
+    work.chmod(0o755)  # compile pods run as uid 65532
     archive = models.export("mlp", work / "mlp.pt2")
     cluster = LocalCluster(bin_dir=ensure_binaries())
     cluster.__enter__()

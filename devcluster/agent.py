@@ -40,7 +40,9 @@ log = logging.getLogger("kiln.devcluster.agent")
 
 HEARTBEAT = 4.0
 LEASE_SECONDS = 40
-PASS_ENV = ("LD_PRELOAD", "KILN_LOADER", "TORCHINDUCTOR_CACHE_DIR", "PYTHONPATH", "OMP_NUM_THREADS")
+# Only what this host needs to run the image's programs at all (a GPU host's libstdc++: see
+# shared/notes/gpu-findings.md); everything else a container sees comes from its pod.
+PASS_ENV = ("LD_PRELOAD",)
 
 
 class Agent:

@@ -29,7 +29,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kiln.devcluster import volumes
+from kiln.devcluster import isolation, volumes
 
 log = logging.getLogger("kiln.devcluster.pods")
 
@@ -51,12 +51,6 @@ def expand(text: str, env: dict[str, str]) -> str:
         return env.get(m.group(1), m.group(0))
 
     return VAR_REF.sub(sub, text)
-
-
-def shadows(mount: volumes.Mount, mounts: list[volumes.Mount]) -> bool:
-    """True when mounting `mount` would hide the source folder of another mount (so it goes last)."""
-    prefix = mount.path.rstrip("/") + "/"
-    return any(str(m.host).startswith(prefix) for m in mounts if m is not mount)
 
 
 @dataclass
@@ -144,17 +138,17 @@ class PodRunner(threading.Thread):
         self.run_probes(c, t)
 
     # -- processes --------------------------------------------------------------------------
-    def env_for(self, spec: client.V1Container) -> dict[str, str]:
+    def env_for(self, spec: client.V1Container, home: str) -> dict[str, str]:
+        """The pod's variables over what the image sets (PATH, HOME for its user), as a container runtime gives."""
         env = {
             "PATH": self.agent.path,
-            "HOME": str(self.dir / "home"),
+            "HOME": home,
             "HOSTNAME": self.pod.metadata.name,
-            "LANG": "C.UTF-8",
+            **isolation.IMAGE_ENV,
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
         }
         env.update(self.agent.pass_env)
-        (self.dir / "home").mkdir(exist_ok=True)
         for src in spec.env_from or []:
             prefix = src.prefix or ""
             if src.config_map_ref:
@@ -196,21 +190,18 @@ class PodRunner(threading.Thread):
 
     def launch(self, c: Container) -> None:
         try:
-            env = self.env_for(c.spec)
+            who = isolation.identity(self.pod, c.spec)
+            env = self.env_for(c.spec, who.home)
             argv = self.command_for(c.spec, env)
         except (ValueError, ApiException) as exc:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
             c.next_start = time.monotonic() + 2
             return
         c.termination.write_text("")
+        c.termination.chmod(0o666)  # as the kubelet makes it: any container user writes its last words
         mounts = volumes.mounts_for(c.spec, self.volumes)
         mounts.append(volumes.Mount(c.termination, c.spec.termination_message_path or "/dev/termination-log", False))
-        lines = []
-        for m in sorted(mounts, key=lambda m: (shadows(m, mounts), m.path.count("/"))):
-            make = f"touch {shlex.quote(m.path)}" if m.host.is_file() else f"mkdir -p {shlex.quote(m.path)}"
-            ro = "-o ro " if m.read_only else ""
-            lines.append(f"{make} && mount --bind {ro}{shlex.quote(str(m.host))} {shlex.quote(m.path)}")
-        script = "set -e\n" + "\n".join(lines) + '\nexec "$@"\n'
+        script = isolation.setup_script(who, mounts, self.dir / "stage" / c.spec.name)
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv]
         with c.log.open("ab") as out:
             out.write(f"--- {now()} starting: {shlex.join(argv)}\n".encode())

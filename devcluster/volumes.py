@@ -125,6 +125,7 @@ def prepare(core: client.CoreV1Api, pod: client.V1Pod, pod_dir: Path, root: Path
         read_only = False
         if vol.empty_dir is not None:
             folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o777)  # the kubelet's emptyDir mode: whatever user the pod runs as writes it
         elif vol.host_path is not None:
             folder = Path(vol.host_path.path)
             if vol.host_path.type in (None, "", "DirectoryOrCreate"):
@@ -132,6 +133,7 @@ def prepare(core: client.CoreV1Api, pod: client.V1Pod, pod_dir: Path, root: Path
         elif vol.persistent_volume_claim is not None:
             folder = claim_dir(root, ns, vol.persistent_volume_claim.claim_name)
             folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o777)  # as kind's local-path provisioner makes a volume's folder
             read_only = bool(vol.persistent_volume_claim.read_only)
         elif vol.config_map is not None:
             cm = core.read_namespaced_config_map(vol.config_map.name, ns)

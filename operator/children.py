@@ -33,6 +33,19 @@ def _security_context() -> dict[str, Any]:
     }
 
 
+def _torch_env(inductor_cache: str = "/tmp/torchinductor") -> list[dict[str, Any]]:
+    """Where torch writes, for a runAsUser with no passwd entry, no home and a read-only root.
+
+    torch._inductor calls getpass.getuser() when imported (it fails for a uid the image's
+    /etc/passwd lacks unless USER is set); Inductor's and Triton's caches go to the /tmp emptyDir.
+    """
+    return [
+        {"name": "USER", "value": "kiln"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": inductor_cache},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+    ]
+
+
 def _pod_security(settings: OperatorSettings) -> dict[str, Any]:
     uid = settings.run_as_user
     return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}
@@ -125,6 +138,7 @@ def compile_job(
         "image": art.spec.runtime_image,
         "command": ["kiln-compile"],
         "args": compile_args(art, "cpu" if target.is_cpu else "cuda"),
+        "env": _torch_env(),
         "resources": {
             "requests": {"cpu": settings.compile_cpu, "memory": settings.compile_memory},
             "limits": gpu_limits,
@@ -261,9 +275,9 @@ def deployment(
             "name": "KILN_CPU_LIMIT",
             "valueFrom": {"resourceFieldRef": {"containerName": "serve", "resource": "limits.cpu", "divisor": "1"}},
         },
+        # jit: torch.compile's cache, shared by the replicas of one target.
+        *_torch_env(f"{CACHE_MOUNT}/inductor/{naming.slug(target.gpu)}" if jit else "/tmp/torchinductor"),
     ]
-    if jit:  # torch.compile's cache, shared by the replicas of one target
-        env.append({"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_MOUNT}/inductor/{naming.slug(target.gpu)}"})
     resources = json_ready(model.spec.serving.resources)
     resources["limits"] = {**resources.get("limits", {}), **gpu_limits}
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}}

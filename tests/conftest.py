@@ -66,6 +66,7 @@ def crds(cluster: LocalCluster) -> None:
 def archive_dir() -> Iterator[Path]:
     # Outside /tmp: serving and compile pods mount an emptyDir over /tmp.
     folder = Path(tempfile.mkdtemp(prefix="kiln-test-archives-", dir="/var/tmp"))
+    folder.chmod(0o755)  # pods run as uid 65532: the archives must be readable, as a user would publish them
     yield folder
     subprocess.run(["rm", "-rf", str(folder)], check=False)
 

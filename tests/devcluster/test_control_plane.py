@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -228,3 +229,79 @@ spec:
     state = kube.wait_for(lambda: terminated(kube, "app=reader"), 30, message="reader")
     assert state["message"].strip() == "hello"
     assert state["exitCode"] != 0  # the write to the read-only mount failed
+
+
+CONFINED = """
+apiVersion: v1
+kind: Pod
+metadata: {name: confined, labels: {app: confined}}
+spec:
+  restartPolicy: Never
+  securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532, fsGroup: 65533}
+  volumes: [{name: scratch, emptyDir: {}}]
+  containers:
+  - name: main
+    image: python
+    command: [python3, -c, "$(PROBE)"]
+    env: [{name: PROBE, value: %s}]
+    volumeMounts: [{name: scratch, mountPath: /scratch}]
+    securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+"""
+
+# Runs in the pod: who it is, what it may write, what it sees; the answer goes to the termination log.
+PROBE = """
+import json, os
+def writes(path):
+    try:
+        open(path, 'w').close()
+        return True
+    except OSError:
+        return False
+status = dict(line.split(':', 1) for line in open('/proc/self/status'))
+answer = {
+    'uid': os.getuid(), 'gid': os.getgid(), 'groups': sorted(os.getgroups()), 'env': sorted(os.environ),
+    'home': os.environ.get('HOME'), 'root': writes('/confined-probe'), 'scratch': writes('/scratch/f'),
+    'var_tmp': writes('/var/tmp/confined-probe'), 'caps': status['CapEff'].strip(),
+    'bounding': status['CapBnd'].strip(), 'no_new_privs': status['NoNewPrivs'].strip(),
+    'python_readable': os.access(os.__file__, os.R_OK),
+}
+open('/dev/termination-log', 'w').write(json.dumps(answer))
+"""
+
+
+def test_a_pod_runs_as_its_user_on_a_read_only_root_with_only_its_environment(kube: Kube) -> None:
+    kube.apply(CONFINED % json.dumps(PROBE))
+    state = kube.wait_for(lambda: terminated(kube, "app=confined"), 60, message="confined pod")
+    assert state["exitCode"] == 0, state
+    got = json.loads(state["message"])
+    assert (got["uid"], got["gid"], got["groups"]) == (65532, 65532, [65533])
+    assert got["home"] == "/nonexistent"  # what the image sets for its user; nothing can be written there
+    assert got["root"] is False and got["var_tmp"] is False  # the root filesystem is read-only...
+    assert got["scratch"] is True  # ...and volumes are not
+    assert got["caps"] == got["bounding"] == "0000000000000000"
+    assert got["no_new_privs"] == "1"
+    assert got["python_readable"] is True  # the image's Python, although /root is 0700 on this host
+    image = {"PATH", "HOME", "HOSTNAME", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "LD_PRELOAD"}
+    service = {"KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"}
+    assert set(got["env"]) - image - service == {"PROBE"}  # nothing of the agent's own environment
+
+
+def test_run_as_non_root_without_a_user_is_refused_as_the_kubelet_refuses_it(kube: Kube) -> None:
+    kube.apply("""
+apiVersion: v1
+kind: Pod
+metadata: {name: rootful, labels: {app: rootful}}
+spec:
+  securityContext: {runAsNonRoot: true}
+  containers: [{name: main, image: busybox, command: [sh, -c, "sleep 60"]}]
+""")
+
+    def refused() -> dict[str, Any] | None:
+        pod = pod_of(kube, "app=rootful")
+        statuses = (pod or {}).get("status", {}).get("containerStatuses") or [{}]
+        waiting = statuses[0].get("state", {}).get("waiting", {})
+        return waiting if waiting.get("reason") == "CreateContainerConfigError" else None
+
+    waiting = kube.wait_for(refused, 30, message="CreateContainerConfigError")
+    assert "container has runAsNonRoot and image will run as root" in waiting["message"]
+    assert "set runAsUser" in waiting["message"]
