@@ -20,7 +20,8 @@ COPY runtime runtime
 COPY devcluster devcluster
 
 FROM base AS operator
-ARG PIP_FIND_LINKS=
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 RUN pip install -c constraints.txt ".[operator]" && rm -rf /src
 USER 65532:65532
 WORKDIR /
@@ -32,10 +33,12 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
 # The torch wheel pins CUDA: pick both (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu130).
-# PIP_FIND_LINKS may name a folder of wheels mounted into the build (a local wheel cache).
+# PIP_FIND_LINKS may name a folder of wheels mounted into the build, and PIP_NO_INDEX=1 builds
+# from it alone (.ci/images does: no index is trusted from inside the build here).
 ARG TORCH_VERSION=2.11.0
 ARG TORCH_INDEX=https://pypi.org/simple
-ARG PIP_FIND_LINKS=
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 RUN pip install --index-url "${TORCH_INDEX}" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}" \
  && pip install -c constraints.txt ".[runtime]" && rm -rf /src
 # Where torch writes for a uid with no passwd entry and a read-only root: the operator sets

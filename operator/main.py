@@ -13,6 +13,7 @@ chart's namespaced mode); otherwise it watches the whole cluster.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -24,8 +25,35 @@ from kiln.operator import handlers
 from kiln.operator.k8s import Cluster
 from kiln.operator.settings import OperatorSettings
 
+# Read by main() besides OperatorSettings (the chart sets them).
+RUN_ENV = {
+    "KILN_WATCH_NAMESPACES": "Comma-separated namespaces to watch; empty: the whole cluster.",
+    "KILN_STANDALONE": "'true': one replica, no peering (the chart sets it for replicaCount 1).",
+    "KILN_PEERING_PRIORITY": "kopf peering priority; 0: random, so one of several replicas leads.",
+    "KILN_LIVENESS_ENDPOINT": "Where /healthz listens (default http://0.0.0.0:8081/healthz).",
+    "POD_ID": "kopf's peering identity (the chart: the pod's name).",
+}
 
-def main() -> int:
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """No flags: settings come from the environment, which --help lists."""
+    lines = [
+        f"  {OperatorSettings.model_config.get('env_prefix', '')}{name.upper()}: {field.description} "
+        f"(default {field.default!r})"
+        for name, field in OperatorSettings.model_fields.items()
+    ]
+    lines += [f"  {name}: {text}" for name, text in RUN_ENV.items()]
+    parser = argparse.ArgumentParser(
+        prog="kiln-operator",
+        description="Kiln's Kubernetes operator: TorchModel → compile Jobs, cached artifacts, serving pods.",
+        epilog="environment:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # not a line per timer tick
     settings = OperatorSettings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pwd
 import re
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from kiln.devcluster.cluster import LocalCluster
+from kiln.operator.settings import OperatorSettings
 from tests.support.kube import CHART, Kube, helm
 from tests.support.torchmodels import compile_jobs, job_pods, torchmodel, wait_phase
 
@@ -136,6 +138,25 @@ def listeners(pid: int) -> list[str]:
     return [re.sub(r"^\[::ffff:([0-9.]+)\]", r"\1", address) for address in found]
 
 
+SETTINGS_UID = OperatorSettings(runtime_image="x").run_as_user
+
+
+def process_uids(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uids of a process."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+    return {int(u) for u in line.split()[1:]}
+
+
+def mount_options(pid: int, target: str) -> set[str]:
+    """The per-mount options of `target` as the process sees it (its own mount namespace; the top mount wins)."""
+    options: set[str] = set()
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == target:
+            options = set(fields[5].split(","))
+    return options
+
+
 def test_pods_are_locked_down_bind_their_ports_only_and_no_secret_reaches_logs(
     fkube: Kube, fault_cluster: LocalCluster, mlp_archive: Path, record: Any
 ) -> None:
@@ -163,6 +184,14 @@ def test_pods_are_locked_down_bind_their_ports_only_and_no_secret_reaches_logs(
     ip = serving[0]["status"]["podIP"]
     pid = int(subprocess.run(["pgrep", "-f", f"kiln-serve.*--host={ip} "], capture_output=True, text=True).stdout)
     assert sorted(listeners(pid)) == [f"{ip}:8080", f"{ip}:8081"]
+    # ...and runs as the pods' uid, which has no passwd entry on this host, on a read-only root
+    # (the node agent enforces the spec); the compile Job wrote the artifact as that uid too.
+    with pytest.raises(KeyError):
+        pwd.getpwuid(SETTINGS_UID)
+    assert process_uids(pid) == {SETTINGS_UID}
+    assert mount_options(pid, "/") >= {"ro"} and "rw" in mount_options(pid, "/tmp")
+    artifact = next((fault_cluster.agent_root / "pvc" / fkube.namespace).glob("*/*/manifest.json"))
+    assert artifact.stat().st_uid == SETTINGS_UID
     # No secret in any log, event or status: the API token the operator uses, and the refused password.
     texts = [p.read_text(errors="replace") for p in fault_cluster.log_dir.glob("operator*.log")]
     texts += [p.read_text(errors="replace") for p in (fault_cluster.agent_root / "pods").glob("*/*.log")]
@@ -175,6 +204,7 @@ def test_pods_are_locked_down_bind_their_ports_only_and_no_secret_reaches_logs(
         len(serving) + len(compiling) + 1,
         "nothing: non-root, read-only root, no escalation, ALL capabilities dropped, RuntimeDefault seccomp, "
         "no token, cache read-only in serving pods; listeners podIP:8080 (HTTP) and :8081 (gRPC) only; no token or "
-        "password in logs",
+        "password in logs; kiln-serve runs as uid 65532 (no passwd entry here) on a read-only root, and the "
+        "compile Job wrote the artifact as 65532",
         log_files=len(texts) - 2,
     )

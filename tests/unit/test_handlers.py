@@ -230,3 +230,14 @@ def test_the_finalizer_waits_for_users_then_removes_the_cache_folder() -> None:
     handlers.remove_artifact(**call, users={}, jobs=done)  # returns: the finalizer is released
     gone = {"body": kopf.Body(art), "namespace": NS, "name": name, "memo": kiln(Recorder(terminating=True))[0]}
     handlers.remove_artifact(**gone, users={}, jobs={})  # the namespace takes the claim with it
+
+
+def test_kiln_operator_help_lists_every_setting_it_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    from kiln.operator import main
+
+    with pytest.raises(SystemExit) as exited:
+        main.parse_args(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for name in [*(f"KILN_{field.upper()}" for field in OperatorSettings.model_fields), *main.RUN_ENV]:
+        assert f"  {name}: " in out
