@@ -180,6 +180,7 @@ def serve(
     batch_max: int = 64,
     intakes: int = -1,
     grpc_port: int = 0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     batch = (
@@ -196,6 +197,7 @@ def serve(
         f"--intake-processes={intakes}",
         f"--grpc-port={grpc_port}",
         *batch,
+        *extra,
     )
     env = {**os.environ, "KILN_LOADER": loader}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -255,6 +257,12 @@ def main() -> int:
         "--intakes", default="0,-1", help="--intake-processes values to compare (0: one process; -1: kiln's default)"
     )
     p.add_argument("--protocols", default="http", help="http, grpc or both (the same server answers both)")
+    p.add_argument(
+        "--server-args",
+        action="append",
+        help="extra kiln-serve arguments of one variant, e.g. '--wait-arriving=false' (repeat to compare; "
+        "applied to the batching runs)",
+    )
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -268,17 +276,25 @@ def main() -> int:
         variants["grpc"] = answers(a.model, a.device, 8, grpc=True)
     rows = []
     limits: dict[str, dict[int, dict[str, float]]] = {}
-    for loader, intakes, batching in itertools.product(
-        a.loaders.split(","), [int(n) for n in a.intakes.split(",")], (False, True)
-    ):
+    server_args = a.server_args or [""]
+    runs = [
+        (loader, intakes, batching, extra)
+        for loader, intakes, batching in itertools.product(
+            a.loaders.split(","), [int(n) for n in a.intakes.split(",")], (False, True)
+        )
+        for extra in (server_args if batching else [""])
+    ]
+    for n, (loader, intakes, batching, extra) in enumerate(runs):
         os.environ["KILN_LOADER"] = loader  # in-process too: the same loader as the server's
         if loader not in limits:
             batches = sorted({1, *[min(c, 64) for c in conc]})
             limits[loader] = in_process(a.artifact, a.device, a.model, batches, a.seconds / 2)
         limit = limits[loader]
-        log = Path(f"/tmp/serve-{loader}-{intakes}-{int(batching)}.log")
+        log = Path(f"/tmp/serve-{n}-{loader}-{intakes}-{int(batching)}.log")
         grpc_port = free_port() if "grpc" in protocols else 0
-        proc, port = serve(a.artifact, a.device, a.model, batching, log, loader, intakes=intakes, grpc_port=grpc_port)
+        proc, port = serve(
+            a.artifact, a.device, a.model, batching, log, loader, intakes, grpc_port, tuple(extra.split())
+        )
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
             floor = empty_round_trip(port)
@@ -297,6 +313,7 @@ def main() -> int:
                     "batching": batching,
                     "loader": loader,
                     "intake_processes": processes,
+                    "server_args": extra,
                     "empty_p50_ms": floor,
                     "inproc_rows_per_s": base["rows_per_s"],
                     "ratio": r["rps"] / base["rows_per_s"],
@@ -304,7 +321,7 @@ def main() -> int:
                 }
                 rows.append(r)
                 print(
-                    f"[serving] {protocol} {loader} intakes={processes} batching={batching} c={c}: "
+                    f"[serving] {protocol} {loader} intakes={processes} batching={batching} {extra} c={c}: "
                     f"{r['rps']:.0f} req/s "
                     f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms, mean batch {r['mean_batch']:.1f}) "
                     f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
@@ -315,14 +332,15 @@ def main() -> int:
             proc.wait()
     print(f"\nServing {a.model} over {' and '.join(protocols)} vs in-process; hardware: {hardware}\n")
     print(
-        "| protocol | loader | intake processes | batching | concurrency | req/s | mean batch | p50 ms | p99 ms "
-        "| in-process rows/s (same batch) | served / in-process | in-process p50 ms (batch 1) "
+        "| protocol | loader | intake processes | batching | server args | concurrency | req/s | mean batch "
+        "| p50 ms | p99 ms | in-process rows/s (same batch) | served / in-process | in-process p50 ms (batch 1) "
         "| empty HTTP request p50 ms | errors | wrong answers |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['protocol']} | {r['loader']} | {r['intake_processes']} | {'on' if r['batching'] else 'off'} "
+            f"| {r['server_args'] or '—'} "
             f"| {r['concurrency']} "
             f"| {r['rps']:.0f} | {r['mean_batch']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['inproc_rows_per_s']:.0f} | {r['ratio']:.0%} | {r['inproc_p50_ms']:.2f} | {r['empty_p50_ms']:.3f} "

@@ -44,13 +44,21 @@ class BodyBuffer:
         self.arena, self.block = arena, arena.alloc(length + ALIGNMENT) if arena is not None else None
         if arena is not None and self.block is not None:
             raw = arena.bytes[self.block : self.block + length + ALIGNMENT]
+            arena.arrive(1)  # counted as arriving until complete or released (the batcher waits for it)
         else:
             raw = np.empty(length + ALIGNMENT, dtype=np.uint8)  # untouched pages cost no memory yet
         pad = -(raw.ctypes.data + aligned_at) % ALIGNMENT
         self.view: memoryview = raw[pad : pad + length].data
         self.length, self.filled = length, 0
+        self.arriving = self.block is not None
+
+    def arrived(self) -> None:
+        if self.arriving and self.arena is not None:
+            self.arena.arrive(-1)
+            self.arriving = False
 
     def release(self) -> None:
+        self.arrived()
         if self.arena is not None and self.block is not None:
             self.arena.free(self.block)
             self.block = None
@@ -59,6 +67,8 @@ class BodyBuffer:
         end = min(self.filled + len(piece), self.length)  # the parser never passes more than Content-Length
         self.view[self.filled : end] = piece[: end - self.filled]
         self.filled = end
+        if end == self.length:
+            self.arrived()
 
     @property
     def complete(self) -> bool:

@@ -34,6 +34,7 @@ class BatchSettings:
     max_delay_ms: float
     max_queue: int
     batchable: bool = True
+    wait_arriving: bool = True  # a batch may wait (within max_delay_ms) for bodies intakes are still receiving
 
 
 def describe(spec: TensorSpec) -> str:
@@ -87,6 +88,7 @@ class DataPlane:
         self.draining = False  # shutting down: readiness off, requests still answered
         self.active = 0  # requests between arrival and answer: the batcher waits only if others may join
         self.intakes = 0  # intake processes in front of the model process (0: this process serves HTTP)
+        self.arriving: Callable[[], int] = lambda: 0  # requests still being received by those intakes
 
     # -- loading -------------------------------------------------------------------
     def load(self, loader: Callable[[], LoadedModel]) -> None:
@@ -126,7 +128,7 @@ class DataPlane:
             self.batching.max_delay_ms / 1000,
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
-            pending=lambda: self.active,
+            pending=(lambda: self.active + self.arriving()) if self.batching.wait_arriving else (lambda: self.active),
             merge=merge,
             dim=model.batch_dim,
             batchable=self.batching.batchable,

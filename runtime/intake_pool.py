@@ -90,6 +90,7 @@ class IntakePool:
         self.shm_bytes, self.argv = shm_bytes, argv
         self.total = count
         self.intakes = {i: self.spawn(i) for i in range(count)}
+        self.request_arenas: dict[int, Arena] = {}  # of the intakes being served, by index
         self.draining = False
 
     def spawn(self, index: int) -> Intake:
@@ -101,6 +102,10 @@ class IntakePool:
         proc = subprocess.Popen([sys.executable, "-m", "kiln.runtime.intake", *self.argv], pass_fds=fds, env=env)
         theirs.close()
         return Intake(index, proc, ours, requests, answers)
+
+    def arriving(self) -> int:
+        """Request bodies the intakes are still receiving: the batcher waits for them within its delay."""
+        return sum(arena.arriving for arena in self.request_arenas.values())
 
     # -- serving (on the model process's event loop) ----------------------------------------
     async def serve(self, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
@@ -123,6 +128,7 @@ class IntakePool:
         from kiln.runtime.shm import Arena
 
         requests, answers = Arena(intake.requests_fd), Arena(intake.answers_fd)
+        self.request_arenas[intake.index] = requests
         reader, stream = await asyncio.open_unix_connection(sock=intake.channel)
         writer = frames.FrameWriter(stream)
         await ready.wait()
@@ -182,6 +188,7 @@ class IntakePool:
 
     def forget(self, intake: Intake) -> None:
         """A dead intake's fds go; its arenas' mappings go with the last array viewing them."""
+        self.request_arenas.pop(intake.index, None)  # its count of arriving bodies died with it
         for fd in (intake.requests_fd, intake.answers_fd):
             os.close(fd)
         intake.channel.close()

@@ -59,6 +59,11 @@ class ServeSettings:
     max_delay_ms: float = opt(
         2.0, "How long the first request of a batch waits for others; 0 merges only what is queued."
     )
+    wait_arriving: bool = opt(
+        True,
+        "With intake processes: a batch waits (within --max-delay-ms) for request bodies they are still "
+        "receiving; false: only for requests already in this process.",
+    )
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")
     inductor_mode: str = opt("default", "jit: torch.compile mode.")

@@ -5,6 +5,10 @@ anonymous memory with no file system behind it, so it works under a read-only ro
 bounded by a container's 64 MB /dev/shm, and it vanishes with the last process that maps it. One
 side owns each arena and allocates blocks in it; the other only reads or writes the blocks a frame
 names (kiln.runtime.frames). Requests' tensors travel as `Ref`s: an offset, a dtype and a shape.
+
+An arena's first ALIGNMENT bytes are its header: a count of request bodies still arriving in the
+owning intake (kiln.runtime.bodies), which the model process's batcher reads to know whether more
+requests are on the way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from kiln.runtime.tensors import ALIGNMENT
 
+HEADER = ALIGNMENT  # bytes before the first block
 Ref = tuple[int, str, list[int]]  # (offset, numpy dtype string, shape): one tensor in an arena
 
 
@@ -32,8 +37,18 @@ class Arena:
         self.map = mmap.mmap(fd, self.size)
         self.bytes = np.frombuffer(self.map, dtype=np.uint8)
         self.base: int = self.bytes.ctypes.data
-        self._free: list[tuple[int, int]] = [(0, self.size)]  # (start, length), sorted by start
+        # One writer (the owner's event loop), any readers: an aligned 8-byte store is atomic on x86 and arm64.
+        self._arriving = self.bytes[:8].view(np.int64)
+        self._free: list[tuple[int, int]] = [(HEADER, self.size - HEADER)]  # (start, length), sorted by start
         self._used: dict[int, int] = {}  # start → length
+
+    @property
+    def arriving(self) -> int:
+        """Request bodies the owner is still receiving (the header's count)."""
+        return int(self._arriving[0])
+
+    def arrive(self, delta: int) -> None:
+        self._arriving[0] += delta
 
     @property
     def used(self) -> int:

@@ -4,8 +4,10 @@ to the one model process; an intake killed under load is replaced and no client 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -138,3 +140,43 @@ def test_sigterm_drains_every_intake_then_exits(compiled: dict[str, Artifact], s
     assert infer_json(server, "mlp", inputs, ["x", "y"]).status_code == 200
     assert server.proc.wait(timeout=60) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in intakes)
+
+
+def length_of(reply: bytes) -> int:
+    """The Content-Length of a raw HTTP response whose head has arrived."""
+    head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    return int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+
+
+def test_a_body_still_on_the_wire_joins_the_batch_instead_of_a_batch_of_one(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    # One intake, so both requests share it; a long delay, so only the arriving count can make the batcher wait.
+    server = serve(
+        "--artifact=" + str(compiled["mlp"].folder), "--model-name=mlp", "--intake-processes=1", "--max-delay-ms=3000"
+    )
+    (slow_body, slow_want), (quick_body, quick_want) = cases(2, seed=7)
+    raw = json.dumps(slow_body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as slow:
+        slow.sendall(
+            f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw)}\r\n\r\n".encode()
+            + raw[:10]
+        )
+        time.sleep(0.5)  # headers in, body not: the intake counts it as arriving
+        with cf.ThreadPoolExecutor(1) as pool:
+            quick = pool.submit(server.client.post, "/v2/models/mlp/infer", json=quick_body)
+            time.sleep(0.5)
+            assert not quick.done()  # held for the body on the wire, not run alone
+            slow.sendall(raw[10:])
+            assert right(quick.result(timeout=30), quick_want)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < length_of(reply):
+            reply += slow.recv(1 << 16)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    got = [torch.tensor(o["data"]).reshape(o["shape"]) for o in json.loads(body)["outputs"]]
+    assert all(torch.allclose(g, w, atol=1e-4, rtol=1e-3) for g, w in zip(got, slow_want, strict=True))
+    assert server.metric("kiln_batch_requests_sum") == 2
+    assert server.metric("kiln_batch_requests_count") == 1  # one model call for both

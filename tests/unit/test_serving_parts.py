@@ -17,7 +17,7 @@ from kiln.runtime.compile import validation_points
 from kiln.runtime.errors import ArchiveError
 from kiln.runtime.intake_pool import memfd
 from kiln.runtime.protocol import RequestInput
-from kiln.runtime.shm import Arena
+from kiln.runtime.shm import HEADER, Arena
 from kiln.runtime.tensors import ALIGNMENT, from_rest
 
 
@@ -148,14 +148,31 @@ def test_validation_covers_min_middle_and_max_of_each_dimension_one_at_a_time() 
 def test_a_shared_arena_reuses_freed_blocks_and_merges_neighbours() -> None:
     arena = Arena(memfd("test-arena", 4096))
     a, b, c = arena.alloc(100), arena.alloc(1000), arena.alloc(64)
-    assert (a, b, c) == (0, 128, 1152) and arena.alloc(4096) is None
+    assert (a, b, c) == (HEADER, HEADER + 128, HEADER + 1152) and arena.alloc(4096) is None
     arena.free(b)
-    assert arena.alloc(900) == 128  # first fit: the freed block comes back
-    arena.free(128)
+    assert arena.alloc(900) == HEADER + 128  # first fit: the freed block comes back
+    arena.free(HEADER + 128)
     arena.free(a)
     arena.free(c)
     arena.free(c)  # a repeated release is harmless
-    assert arena.used == 0 and arena.alloc(4096) == 0  # every block merged back into one run
+    assert arena.used == 0 and arena.alloc(4096 - HEADER) == HEADER  # every block merged back into one run
+
+
+def test_bodies_on_the_wire_are_counted_in_the_arena_header_for_the_model_process() -> None:
+    fd = memfd("test-arena", 1 << 16)
+    intake, model = Arena(fd), Arena(fd)
+    whole, partial = BodyBuffer(100, arena=intake), BodyBuffer(200, arena=intake)
+    assert model.arriving == 2
+    whole.write(b"x" * 60)
+    assert model.arriving == 2  # still arriving
+    whole.write(b"x" * 40)
+    assert model.arriving == 1  # complete: the intake hands it on, the batcher no longer waits for it
+    whole.release()
+    partial.release()  # the client left mid-body
+    assert model.arriving == 0 and intake.used == 0
+    outside = BodyBuffer(100)  # a single-process server's body: no arena, nothing counted
+    outside.write(b"x" * 100)
+    assert model.arriving == 0
 
 
 def test_arena_arrays_are_views_of_the_shared_memory_and_refs_are_checked() -> None:
