@@ -293,7 +293,15 @@ def main() -> int:
         log = Path(f"/tmp/serve-{n}-{loader}-{intakes}-{int(batching)}.log")
         grpc_port = free_port() if "grpc" in protocols else 0
         proc, port = serve(
-            a.artifact, a.device, a.model, batching, log, loader, intakes, grpc_port, tuple(extra.split())
+            a.artifact,
+            a.device,
+            a.model,
+            batching,
+            log,
+            loader,
+            intakes=intakes,
+            grpc_port=grpc_port,
+            extra=tuple(extra.split()),
         )
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
