@@ -104,8 +104,11 @@ class IntakePool:
         return Intake(index, proc, ours, requests, answers)
 
     def arriving(self) -> int:
-        """Request bodies the intakes are still receiving: the batcher waits for them within its delay."""
-        return sum(arena.arriving for arena in self.request_arenas.values())
+        """Request bodies the intakes are still receiving: the batcher waits for them within its delay.
+
+        Called from the model thread while the event loop may add or drop an intake: tuple() copies
+        the arenas in one step under the GIL, so the dict never changes under the loop here."""
+        return sum(arena.arriving for arena in tuple(self.request_arenas.values()))
 
     # -- serving (on the model process's event loop) ----------------------------------------
     async def serve(self, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
