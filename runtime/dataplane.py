@@ -34,7 +34,6 @@ class BatchSettings:
     max_delay_ms: float
     max_queue: int
     batchable: bool = True
-    wait_arriving: bool = True  # a batch may wait (within max_delay_ms) for bodies intakes are still receiving
 
 
 def describe(spec: TensorSpec) -> str:
@@ -128,7 +127,7 @@ class DataPlane:
             self.batching.max_delay_ms / 1000,
             self.batching.max_queue,
             observe=lambda rows, n, waited: self.metrics.observe_batch(self.name, rows, n, waited),
-            pending=(lambda: self.active + self.arriving()) if self.batching.wait_arriving else (lambda: self.active),
+            pending=lambda: self.active + self.arriving(),
             merge=merge,
             dim=model.batch_dim,
             batchable=self.batching.batchable,

@@ -220,9 +220,7 @@ async def load_plane(plane: DataPlane, settings: ServeSettings) -> str | None:
 
 
 def batch_settings(settings: ServeSettings) -> BatchSettings:
-    return BatchSettings(
-        settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable, settings.wait_arriving
-    )
+    return BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable)
 
 
 class HttpServer:
@@ -320,7 +318,9 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
     """The model process in front of intake processes: load, tell them ready, answer their frames, drain."""
     plane = new_plane(settings)
     metrics = plane.metrics
-    plane.intakes, plane.arriving = pool.total, pool.arriving
+    plane.intakes = pool.total
+    if settings.wait_arriving:  # else the batcher counts only the requests already in this process
+        plane.arriving = pool.arriving
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
