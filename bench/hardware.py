@@ -16,6 +16,9 @@ def describe(device: str) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)),
         "device": device,
+        # The lent GPU hosts run under gVisor (kernel "4.4.0", a user-space network stack) or in a
+        # Firecracker VM (a real kernel): loopback HTTP differs by up to 2x between them.
+        "kernel": platform.release(),
     }
     try:
         with open("/proc/cpuinfo") as fh:

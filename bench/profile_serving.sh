@@ -24,7 +24,7 @@ PY
 load=$!
 sleep 3
 intake=$(cat /proc/$server/task/$server/children | awk '{print $1}')
-spy() { /tmp/site/bin/py-spy record -p "$1" -d 8 -r 200 -f raw -t --nonblocking -o "$2" > /dev/null 2>&1; }
+spy() { /tmp/site/bin/py-spy record -p "$1" -d 8 -r 200 -f raw -t --idle --nonblocking -o "$2" > "$2.log" 2>&1; }
 spy $server "$out/profile.txt" &
 [ -n "$intake" ] && spy "$intake" "$out/profile-intake.txt" &
 python3 - $server $load <<'PY'
@@ -43,9 +43,23 @@ def cpu(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 server, load = map(int, sys.argv[1:])
 parts = {"model process": [server], "intake processes": tree(server)[1:], "load generator": tree(load)}
+def host():  # (busy, all) clock ticks of every core: what the whole machine did, sandbox included
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(f) - f[3] - f[4], sum(f)
+def threads(pid):
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        out[int(tid)] = cpu(f"{pid}/task/{tid}")
+    return out
 before = {k: sum(cpu(p) for p in v) for k, v in parts.items()}
+host0, threads0 = host(), threads(server)
 time.sleep(8)
 print("CPU cores used over 8 s:", {k: round((sum(cpu(p) for p in parts[k]) - before[k]) / 8, 2) for k in parts})
+host1, threads1 = host(), threads(server)
+cores = os.cpu_count()
+print(f"whole machine: {cores * (host1[0] - host0[0]) / max(1, host1[1] - host0[1]):.2f} of {cores} cores busy")
+busiest = sorted(((threads1[t] - threads0.get(t, 0)) / 8, t) for t in threads1)[::-1][:6]
+print("model process's busiest threads (cores):", [(t, round(c, 2)) for c, t in busiest])
 PY
 wait $load || true
 kill $server
