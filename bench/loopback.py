@@ -50,7 +50,9 @@ class NullHttp(asyncio.BufferedProtocol):
                 if end < 0:
                     return
                 head = bytes(self.buffer[:end]).lower()
-                length = int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]) if b"content-length:" in head else 0
+                length = (
+                    int(head.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]) if b"content-length:" in head else 0
+                )
                 self.need = end + 4 + length
             if self.filled < self.need:
                 return
@@ -84,7 +86,9 @@ def null_server(processes: int, answer_bytes: int) -> tuple[list[mp.Process], in
         + f"inference-header-content-length: {len(body)}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
-    procs = [mp.get_context("fork").Process(target=_serve, args=(listener, answer), daemon=True) for _ in range(processes)]
+    procs = [
+        mp.get_context("fork").Process(target=_serve, args=(listener, answer), daemon=True) for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     return procs, listener.getsockname()[1]
@@ -109,15 +113,21 @@ def main() -> int:
             for c in (int(x) for x in a.concurrency.split(",")):
                 r = load(port, a.model, body, headers, c, a.seconds) | {"processes": n, "body_bytes": len(body)}
                 rows.append(r)
-                print(f"[loopback] {n} null-server processes, c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms "
-                      f"({len(body)}-byte bodies)", flush=True)
+                print(
+                    f"[loopback] {n} null-server processes, c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms "
+                    f"({len(body)}-byte bodies)",
+                    flush=True,
+                )
         finally:
             for proc in procs:
                 os.kill(proc.pid, signal.SIGKILL)
     print(f"\nThe benchmark client against a null HTTP server ({a.model} bodies); hardware: {hardware}\n")
     print("| null-server processes | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['processes']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['errors']} |")
+        print(
+            f"| {r['processes']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
+            f"| {r['errors']} |"
+        )
     if a.out:
         a.out.write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=2))
     return 0
