@@ -82,6 +82,11 @@ class InferBodyProtocol(HttpToolsProtocol):
     arena: Arena | None = None  # an intake process's shared arena
     body: BodyBuffer | None = None
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.arena is not None:
+            self.arena.connection_closed()  # the model process balances new connections by this count
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.body = None

@@ -1,7 +1,8 @@
 """An intake process of kiln-serve: HTTP in, requests checked, tensors handed to the model process in shared memory.
 
 Serve path, entry (beside kiln.runtime.serve), started by the model process
-(kiln.runtime.intake_pool) with the listening socket, its end of a frame socket pair and two arenas.
+(kiln.runtime.intake_pool) with its ends of two socket pairs (frames; connections the model process
+accepted) and two arenas.
 It imports no torch: it parses and checks requests against the model's signature (from the model
 process's `ready` frame), writes their bodies straight into its arena (the body buffer is a block of
 it), and encodes answers from the model process's arena. Health, metadata, metrics and errors are
@@ -46,8 +47,8 @@ def error_of(frame: dict[str, Any]) -> KilnError:
 class ModelLink:
     """The model process as an intake sees it: frames over the socket pair, tensors in the two arenas."""
 
-    def __init__(self, channel: socket.socket, requests: Arena, answers: Arena) -> None:
-        self.channel, self.requests, self.answers = channel, requests, answers
+    def __init__(self, channel: socket.socket, handoff: socket.socket, requests: Arena, answers: Arena) -> None:
+        self.channel, self.handoff, self.requests, self.answers = channel, handoff, requests, answers
         self.ids = itertools.count()
         self.waiting: dict[int, tuple[asyncio.Future[dict[str, Any]], list[int]]] = {}
         self.writer: frames.FrameWriter | None = None
@@ -56,6 +57,8 @@ class ModelLink:
 
     async def start(self, plane: IntakePlane, http: HttpServer) -> None:
         reader, stream = await asyncio.open_unix_connection(sock=self.channel)
+        self.handoff.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.handoff.fileno(), self.adopt, http)
         self.writer = frames.FrameWriter(stream)
         self.reading = asyncio.create_task(self.read(reader, plane, http))
 
@@ -77,6 +80,21 @@ class ModelLink:
                 future.set_exception(NotReady("the model process is gone"))
         log.error("the model process closed its end; stopping")
         http.stop()
+
+    def adopt(self, http: HttpServer) -> None:
+        """Serve the connections the model process handed over (one descriptor per message)."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.handoff, 1, 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data and not fds:  # the model process closed its end: no more connections
+                asyncio.get_running_loop().remove_reader(self.handoff.fileno())
+                return
+            for fd in fds:
+                http.adopt(socket.socket(fileno=fd))
 
     def place(self, tensor: np.ndarray, blocks: list[int]) -> Ref:
         """A request tensor in this intake's arena: where it lies (a binary body), or copied into a new block."""
@@ -149,10 +167,10 @@ class IntakePlane(DataPlane):
 def main() -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     settings = parse_settings(sys.argv[1:])
-    listen, channel, requests, answers, index, total = (int(n) for n in os.environ.pop(INTAKE_ENV).split(","))
+    handoff, channel, requests, answers, index, total = (int(n) for n in os.environ.pop(INTAKE_ENV).split(","))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics()
-    link = ModelLink(socket.socket(fileno=channel), Arena(requests), Arena(answers))
+    link = ModelLink(socket.socket(fileno=channel), socket.socket(fileno=handoff), Arena(requests), Arena(answers))
     plane = IntakePlane(settings.model_name, batch_settings(settings), metrics, link, index)
     plane.intakes = total
 
@@ -160,7 +178,7 @@ def main() -> int:
         await link.start(plane, http)
 
     http = HttpServer(settings, plane, metrics, startup, arena=link.requests)
-    return http.run(sockets=[socket.socket(fileno=listen)])
+    return http.run(sockets=[])  # no listener: connections come from the model process (ModelLink.adopt)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
 Serve path, beside the HTTP routes (no HTTP here). With intake processes kiln-serve is one
 model process (the preload, the loader, the batcher, this pool) and N intake processes
-(kiln.runtime.intake) that accept connections on one listening socket the model process made. Each
-intake has a Unix socket pair for frames (kiln.runtime.frames) and two memfd arenas
-(kiln.runtime.shm): its own, for request tensors, and one the model process allocates its answers
-in. An intake that dies takes its connections with it: its clients see a closed connection, its
-requests still in the model are answered into its old arena (never a new intake's), and a
-replacement starts on a fresh socket pair and arenas.
+(kiln.runtime.intake) that serve the connections the model process accepts. Each intake has a Unix
+socket pair for frames (kiln.runtime.frames), one the model process hands it accepted connections
+over (SCM_RIGHTS), and two memfd arenas (kiln.runtime.shm): its own, for request tensors, and one
+the model process allocates its answers in.
+
+Why the model process accepts: with one listening socket shared by the intakes, whichever intake's
+loop woke first took each connection, and a client's keep-alive connections stayed wherever they
+landed (64 connections split 41/12/11/0 over four intakes; docs/benchmarks.md §10). Each new
+connection now goes to the intake with the fewest open ones. An intake that dies takes its
+connections with it: its clients see a closed connection, its requests still in the model are
+answered into its old arena (never a new intake's), and a replacement starts on a fresh socket pair
+and arenas; connections accepted meanwhile go to the others.
 
 Spawning needs only the standard library: kiln-serve starts the intakes before numpy, pydantic
 or libtorch load, so they import in parallel with the model's load.
@@ -18,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +57,10 @@ MAX_AUTO, MIN_CPUS = 4, 4
 # On a GPU the first bytes of each request arena are page-locked, so inputs go up by DMA without a
 # staging copy (first-fit allocation keeps most requests there); the rest stays pageable.
 PINNED_BYTES = 32 << 20
+# kiln.runtime.shm's arena header, as the model process reads it before numpy is imported:
+# the intake's count of connections closed so far, at byte 8.
+CLOSED = struct.Struct("<q")
+CLOSED_AT = 8
 
 
 def intake_count(requested: int, cpus: int) -> int:
@@ -63,6 +75,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)
+    sock.setblocking(False)  # accepted on the model process's event loop
     return sock
 
 
@@ -80,6 +93,16 @@ class Intake:
     channel: socket.socket  # the model process's end of the frame socket pair
     requests_fd: int
     answers_fd: int
+    handoff: socket.socket  # accepted connections go to the intake over this one
+    header: mmap.mmap  # the request arena's header: connections the intake has closed
+    handed: int = 0  # connections handed to it
+
+    @property
+    def open_connections(self) -> int:
+        if self.header.closed:  # forgotten (it died): last in line until its replacement starts
+            return sys.maxsize
+        closed: int = CLOSED.unpack_from(self.header, CLOSED_AT)[0]
+        return self.handed - closed
 
 
 class IntakePool:
@@ -95,13 +118,35 @@ class IntakePool:
 
     def spawn(self, index: int) -> Intake:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        give, take = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one message per connection
+        give.setblocking(False)
         requests = memfd(f"kiln-requests-{index}", self.shm_bytes)
         answers = memfd(f"kiln-answers-{index}", self.shm_bytes)
-        fds = (self.listener.fileno(), theirs.fileno(), requests, answers)
+        fds = (take.fileno(), theirs.fileno(), requests, answers)
         env = {**os.environ, INTAKE_ENV: ",".join(map(str, (*fds, index, self.total)))}
         proc = subprocess.Popen([sys.executable, "-m", "kiln.runtime.intake", *self.argv], pass_fds=fds, env=env)
         theirs.close()
-        return Intake(index, proc, ours, requests, answers)
+        take.close()
+        return Intake(index, proc, ours, requests, answers, give, mmap.mmap(requests, mmap.PAGESIZE))
+
+    def accept(self) -> None:
+        """Hand each pending connection to the live intake with the fewest open (the listener is ready)."""
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of fds, or the listener closed: the next readiness retries
+                log.warning("accepting a connection failed: %s", exc)
+                return
+            with conn:  # the intake gets its own copy of the descriptor
+                for intake in sorted(self.intakes.values(), key=lambda i: i.open_connections):
+                    try:
+                        socket.send_fds(intake.handoff, [b"c"], [conn.fileno()])
+                    except OSError:  # exited or not reading (its buffer is full): the next one
+                        continue
+                    intake.handed += 1
+                    break
 
     def arriving(self) -> int:
         """Request bodies the intakes are still receiving: the batcher waits for them within its delay.
@@ -113,6 +158,7 @@ class IntakePool:
     # -- serving (on the model process's event loop) ----------------------------------------
     async def serve(self, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
         """Answer every intake's frames until drained, replacing intakes that die."""
+        asyncio.get_running_loop().add_reader(self.listener.fileno(), self.accept)
         await asyncio.gather(*(self.serve_slot(i, plane, metrics, ready) for i in list(self.intakes)))
 
     async def serve_slot(self, index: int, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
@@ -195,6 +241,8 @@ class IntakePool:
         for fd in (intake.requests_fd, intake.answers_fd):
             os.close(fd)
         intake.channel.close()
+        intake.handoff.close()
+        intake.header.close()
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(intake.proc.pid)  # type: ignore[no-untyped-call]
@@ -212,6 +260,8 @@ class IntakePool:
             except subprocess.TimeoutExpired:
                 log.warning("intake %d did not exit in %.0f s; killing it", intake.index, timeout)
                 intake.proc.kill()
+        with contextlib.suppress(RuntimeError):  # not serving: no reader to remove
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
         self.listener.close()
 
     def close(self) -> None:

@@ -238,6 +238,7 @@ class HttpServer:
         self.settings, self.plane, self.metrics, self.arena = settings, plane, metrics, arena
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
+        self.adopting: set[asyncio.Task[Any]] = set()  # connections handed over, being set up
         self.grpc: Any = None  # grpc.aio.Server when --grpc-port is set
         self.asgi = FastFront(
             InferAnswer(plane, settings.max_body_bytes, metrics),
@@ -275,6 +276,22 @@ class HttpServer:
         # Importing FastAPI holds the GIL for a few hundred ms: not while the first requests are answered.
         await asyncio.sleep(API_AFTER_READY_S)
         await self.asgi.application()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted, as uvicorn serves those it accepts itself."""
+        server = self.server
+        assert server is not None  # called from the lifespan's start on: uvicorn's config and state exist
+        config = server.config
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
+            )
+
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(protocol, sock))
+        self.adopting.add(task)
+        task.add_done_callback(self.adopting.discard)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -6,9 +6,9 @@ bounded by a container's 64 MB /dev/shm, and it vanishes with the last process t
 side owns each arena and allocates blocks in it; the other only reads or writes the blocks a frame
 names (kiln.runtime.frames). Requests' tensors travel as `Ref`s: an offset, a dtype and a shape.
 
-An arena's first ALIGNMENT bytes are its header: a count of request bodies still arriving in the
-owning intake (kiln.runtime.bodies), which the model process's batcher reads to know whether more
-requests are on the way.
+An arena's first ALIGNMENT bytes are its header, two counters the owning intake writes and the model
+process reads: request bodies still arriving (kiln.runtime.bodies; the batcher waits for them) and
+connections closed so far (the model process hands new connections to the intake with the fewest open).
 """
 
 from __future__ import annotations
@@ -38,17 +38,20 @@ class Arena:
         self.bytes = np.frombuffer(self.map, dtype=np.uint8)
         self.base: int = self.bytes.ctypes.data
         # One writer (the owner's event loop), any readers: an aligned 8-byte store is atomic on x86 and arm64.
-        self._arriving = self.bytes[:8].view(np.int64)
+        self._header = self.bytes[:16].view(np.int64)  # [arriving bodies, closed connections]
         self._free: list[tuple[int, int]] = [(HEADER, self.size - HEADER)]  # (start, length), sorted by start
         self._used: dict[int, int] = {}  # start → length
 
     @property
     def arriving(self) -> int:
         """Request bodies the owner is still receiving (the header's count)."""
-        return int(self._arriving[0])
+        return int(self._header[0])
 
     def arrive(self, delta: int) -> None:
-        self._arriving[0] += delta
+        self._header[0] += delta
+
+    def connection_closed(self) -> None:
+        self._header[1] += 1
 
     @property
     def used(self) -> int:

@@ -55,6 +55,39 @@ def test_intakes_answer_as_eager_and_never_load_torch(compiled: dict[str, Artifa
     assert "kiln_intake_seconds_count" in text and "kiln_model_seconds_count" in text
 
 
+def established(pid: int, port: int) -> int:
+    """TCP connections to `port` that process `pid` holds open (its fds matched against /proc/net/tcp)."""
+    inodes = {
+        link.removeprefix("socket:[").rstrip("]")
+        for fd in Path(f"/proc/{pid}/fd").iterdir()
+        if (link := os.readlink(fd)).startswith("socket:[")
+    }
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if int(r[1].split(":")[1], 16) == port and r[3] == "01" and r[9] in inodes)
+
+
+def test_keep_alive_connections_are_spread_evenly_over_the_intakes(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    """Each new connection goes to the intake with the fewest open ones; with a shared listening socket
+    whichever intake woke first took it (64 connections landed 41/12/11/0 on four intakes)."""
+    server = serve_mlp(compiled, serve)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json_body(models.examples("mlp", 1, seed=3), ["x", "y"])
+    time.sleep(0.5)  # the fixture's closed probe connections are counted
+    before = sum(established(pid, port) for pid in children(server.proc.pid))  # the fixture's client keeps one
+    clients = [httpx.Client(base_url=server.url, timeout=30) for _ in range(16)]
+    try:
+        for c in clients:  # each opens one keep-alive connection and keeps it
+            assert c.post("/v2/models/mlp/infer", json=body).status_code == 200
+        counts = sorted(established(pid, port) for pid in children(server.proc.pid))
+        assert sum(counts) == before + 16 and counts[-1] - counts[0] <= 1, counts
+        assert established(server.proc.pid, port) == 0  # the model process accepts and hands over, keeps none
+    finally:
+        for c in clients:
+            c.close()
+
+
 def cases(count: int, seed: int) -> list[tuple[dict[str, object], list[torch.Tensor]]]:
     """Request bodies of 1..4 rows and eager answers, made before any thread starts (the models' seeds are global)."""
     out = []
