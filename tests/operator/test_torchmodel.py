@@ -234,8 +234,8 @@ def test_an_operator_killed_mid_compile_finishes_with_one_compile(
     kube.apply(torchmodel("restart", f"file://{archive}"))
     jobs = kube.wait_for(lambda: compile_jobs(kube), 60, message="compile job")
     name = jobs[0]["metadata"]["name"]
-    kube.wait_for(
-        lambda: any(p["status"].get("phase") == "Running" for p in job_pods(kube, name)), 60, message="compile running"
+    kube.wait_for(  # 120 s: once in a full run the Job's pod took over 60 s to start on the 2-core CI machine
+        lambda: any(p["status"].get("phase") == "Running" for p in job_pods(kube, name)), 120, message="compile running"
     )
     operator.kill()
     time.sleep(2)
