@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
 
 import numpy as np
 
@@ -46,11 +48,20 @@ def decode(body: bytes, header_length: str | None) -> list[np.ndarray]:
     return out
 
 
+# http.client leaves Nagle's algorithm on; requests/urllib3, curl, Go's net/http and grpc turn it off.
+# With it on, the last partial segment of a 602 KB body can wait for a delayed ACK (40-200 ms).
+# KILN_BENCH_NAGLE=1 keeps it on, to measure what such a client gets.
+NAGLE = os.environ.get("KILN_BENCH_NAGLE") == "1"
+
+
 class Client:
-    """One keep-alive connection."""
+    """One keep-alive connection (TCP_NODELAY, as common HTTP clients set it)."""
 
     def __init__(self, host: str, port: int, timeout: float = 60) -> None:
         self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if not NAGLE:
+            self.conn.connect()
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def infer(
         self, model: str, body: bytes, headers: dict[str, str], path: str | None = None
