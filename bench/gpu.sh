@@ -20,8 +20,14 @@ if [ -n "${SEQLEN:-}" ]; then  # BERT-base, mixed sequence lengths: dynamic vs f
   exit 0
 fi
 python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
+artifact() { python3 -c "import json; print(json.load(open('$out/coldstart-cuda.json'))['results']['$1']['compile']['path'])"; }
+for probe in ${PROBES:-}; do  # e.g. PROBES="first_calls graph_probe", for each of PROBE_MODELS
+  for serve in $(echo "${PROBE_MODELS:-resnet50}" | tr , ' '); do
+    python3 -m "bench.$probe" --model "$serve" --artifact "$(artifact "$serve")" --out "$out/$probe-$serve.json" 2>&1 | tee "$out/$probe-$serve.log"
+  done
+done
 [ -n "${SKIP_SERVING:-}" ] && exit 0
 for serve in $(echo "${SERVE_MODEL:-resnet50}" | tr , ' '); do
-  art=$(python3 -c "import json,sys; print(json.load(open('$out/coldstart-cuda.json'))['results']['$serve']['compile']['path'])")
+  art=$(artifact "$serve")
   python3 -m bench.serving --model "$serve" --device cuda --artifact "$art" --out "$out/serving-cuda-$serve.json" ${SERVING_ARGS:-} 2>&1 | tee "$out/serving-$serve.log"
 done

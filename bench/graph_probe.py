@@ -62,7 +62,9 @@ def main() -> int:
                 compiled(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "relaxed": under the default "global" mode the H200 invalidated the capture
+        # (cudaErrorStreamCaptureInvalidated): the AOTInductor runtime makes a call that mode forbids
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
             captured = list(tree_leaves(compiled(*inputs)))
         graph.replay()
         torch.cuda.synchronize()
