@@ -41,8 +41,8 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     model = load_artifact(a.artifact, a.device)
-    before, after = warm_sizes(model, a.max_batch_size)
-    warm_up(model, before + after)
+    plan = warm_sizes(model, a.max_batch_size)  # what kiln-serve warms before the first request
+    warm_up(model, plan.before + plan.after)
     rows = []
     for size in range(1, min(a.max_batch_size, model.batch_max) + 1):
         args = example_arrays(model.signature, {BATCH: size}, seed=size)

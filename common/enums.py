@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ArchiveFormat", "CompileBackend", "CompileMode", "Engine", "InductorMode", "JitBackend", "Loader"]
+__all__ = [
+    "ArchiveFormat",
+    "CompileBackend",
+    "CompileMode",
+    "Engine",
+    "InductorMode",
+    "JitBackend",
+    "Loader",
+    "WarmSizes",
+]
 
 
 class ArchiveFormat(StrEnum):
@@ -28,6 +37,14 @@ class JitBackend(StrEnum):
     aot_eager = "aot_eager"
     eager = "eager"
     cudagraphs = "cudagraphs"
+
+
+class WarmSizes(StrEnum):
+    """Which batch sizes kiln-serve calls once before requests need them (--warm-batch-sizes)."""
+
+    auto = "auto"  # every size on a GPU for compiled libraries, the ends elsewhere
+    every = "every"  # 1, 2 and the largest by ready, then every other size in a background thread
+    ends = "ends"  # 1, 2 and the largest only: any other size's first batch pays its first-call cost
 
 
 class CompileMode(StrEnum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel
 
-from kiln.enums import Loader
+from kiln.enums import Loader, WarmSizes
 from kiln.manifest import BATCH, Signature, TensorSpec
 from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
-from kiln.runtime.loader import LoadedModel, warm_sizes, warm_up
+from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
 from kiln.runtime.tensors import from_rest, to_rest
@@ -34,6 +35,7 @@ class BatchSettings:
     max_delay_ms: float
     max_queue: int
     batchable: bool = True
+    warm: WarmSizes = WarmSizes.auto
 
 
 def describe(spec: TensorSpec) -> str:
@@ -97,18 +99,42 @@ class DataPlane:
         self.metrics.loader.labels(self.name, model.loader, model.fallback or "").set(1)
         log.info("loaded %s with the %s loader in %.2f s", self.name, model.loader, time.perf_counter() - start)
         start = time.perf_counter()
-        self.warm_up(model, self.warm_sizes(model)[0])
+        self.warm_up(model, self.warm_sizes(model).before)
         self.metrics.warmup_seconds.labels(self.name).set(time.perf_counter() - start)
         self.model = model
         self.info = ModelInfo.of(model, self.batching.max_batch_size)
 
-    def warm_sizes(self, model: LoadedModel) -> tuple[list[int], list[int]]:
-        return warm_sizes(model, self.batching.max_batch_size)
+    def warm_sizes(self, model: LoadedModel) -> WarmPlan:
+        warm = self.batching.warm
+        every = warm == WarmSizes.every or (
+            warm == WarmSizes.auto and model.device != "cpu" and model.loader.runs_aotinductor
+        )
+        return warm_sizes(model, self.batching.max_batch_size, every)
 
     def warm_up(self, model: LoadedModel, sizes: list[int]) -> None:
         """Call the model once at each batch size it has not run yet (the preload thread may have run them)."""
         warm_up(model, sizes)
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
+
+    def warm_behind(self, model: LoadedModel, sizes: list[int]) -> None:
+        """Warm up `sizes` one by one while requests are served (a compiled library on a GPU has a second
+        model instance for it), until done or draining; a failure is logged, serving goes on."""
+        start = time.perf_counter()
+        try:
+            for size in sizes:
+                if self.draining:
+                    return
+                warm_up(model, [size])
+        except Exception:
+            log.exception("warming up %s behind requests failed; sizes not yet run pay it on first use", self.name)
+            return
+        log.info(
+            "warmed up %s at batch sizes %d..%d behind requests in %.2f s",
+            self.name,
+            sizes[0],
+            sizes[-1],
+            time.perf_counter() - start,
+        )
 
     def start(self) -> None:
         """Called on the event loop once load() returned: start batching, report ready."""
@@ -117,7 +143,7 @@ class DataPlane:
         run: RunFn = model.fn
         merge: MergeFn | None = None
         finish: FinishFn | None = None
-        later = self.warm_sizes(model)[1]
+        plan = self.warm_sizes(model)
         if model.pipeline is not None:  # copies overlap the model's work; another thread waits for results
             run, merge, finish = model.pipeline.launch, model.pipeline.upload, model.pipeline.finish
         assert self.info is not None
@@ -132,9 +158,13 @@ class DataPlane:
             dim=model.batch_dim,
             batchable=self.batching.batchable,
             finish=finish,
-            prepare=(lambda: self.warm_up(model, later)) if later else None,
+            prepare=(lambda: self.warm_up(model, plan.after)) if plan.after else None,
         )
         self.batcher.start()
+        if plan.behind:
+            threading.Thread(
+                target=self.warm_behind, args=(model, plan.behind), name="warm-behind", daemon=True
+            ).start()
         self.ready = True
 
     # -- requests --------------------------------------------------------------------

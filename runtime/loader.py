@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -131,19 +131,32 @@ def lean_refusal(manifest: Manifest) -> str | None:
     return None
 
 
-def warm_sizes(model: LoadedModel, max_batch_size: int) -> tuple[list[int], list[int]]:
-    """Batch sizes to run before reporting ready, and after (in the model thread, ahead of any request).
+class WarmPlan(NamedTuple):
+    """Batch sizes to call once: before reporting ready, right after (in the model thread, ahead of any
+    request), and behind (in a background thread while requests are served)."""
+
+    before: list[int]
+    after: list[int]
+    behind: list[int] = []
+
+
+def warm_sizes(model: LoadedModel, max_batch_size: int, every: bool = False) -> WarmPlan:
+    """Which batch sizes to warm up when; `every`: all sizes up to the largest, the others behind.
 
     A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
     report ready. On a GPU the larger sizes still load kernels and library workspaces on first
     use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
     what any call costs, and warming batch 32 of BERT there would only hold the first requests
-    up for seconds. jit compiles per size: all sizes before ready."""
+    up for seconds. jit compiles per size: all sizes before ready. On a GPU every other size's first
+    call still costs ~50 ms more than its next (ResNet-50 on the H200, bench/first_calls.py: cuDNN
+    plans each convolution shape once), and every request in flight waits for it: with `every`,
+    a background thread pays it for each size instead of the first batch of that size."""
     rows = min(max_batch_size, model.batch_max)
     sizes = sorted({1, min(2, rows), rows})
-    if not model.loader.runs_aotinductor:
-        return sizes, []
-    return sizes[:1], sizes[1:] if model.device != "cpu" else []
+    behind = [s for s in range(1, rows + 1) if s not in sizes] if every else []
+    if not model.loader.runs_aotinductor:  # compiles per size, and not in two threads at once
+        return WarmPlan(sorted(sizes + behind), [])
+    return WarmPlan(sizes[:1], sizes[1:] if model.device != "cpu" else [], behind)
 
 
 def warm_up(model: LoadedModel, sizes: list[int]) -> None:
@@ -165,8 +178,8 @@ def open_lean(folder: Path, device: str, threads: int, max_batch_size: int) -> L
     if lean_refusal(manifest) is not None:
         return None
     model = load_lean(folder, manifest, device, threads)
-    before, after = warm_sizes(model, max_batch_size)
-    warm_up(model, before + after)
+    plan = warm_sizes(model, max_batch_size)
+    warm_up(model, plan.before + plan.after)
     return model
 
 

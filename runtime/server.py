@@ -220,7 +220,13 @@ async def load_plane(plane: DataPlane, settings: ServeSettings) -> str | None:
 
 
 def batch_settings(settings: ServeSettings) -> BatchSettings:
-    return BatchSettings(settings.max_batch_size, settings.max_delay_ms, settings.max_queue, settings.batchable)
+    return BatchSettings(
+        settings.max_batch_size,
+        settings.max_delay_ms,
+        settings.max_queue,
+        settings.batchable,
+        settings.warm_batch_sizes,
+    )
 
 
 class HttpServer:

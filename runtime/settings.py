@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from kiln.enums import CompileMode, JitBackend
+from kiln.enums import CompileMode, JitBackend, WarmSizes
 
 
 def _flag(text: str) -> bool:
@@ -63,6 +63,12 @@ class ServeSettings:
         True,
         "With intake processes: a batch waits (within --max-delay-ms) for request bodies they are still "
         "receiving; false: only for requests already in this process.",
+    )
+    warm_batch_sizes: WarmSizes = opt(
+        WarmSizes.auto,
+        "every: once ready, call the model once at every batch size up to the largest in a background thread "
+        "(on a GPU a size's first call costs ~50 ms of cuDNN planning, which stalls every request in flight); "
+        "ends: only 1, 2 and the largest; auto: every on a GPU for compiled libraries, else ends.",
     )
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")

@@ -5,6 +5,8 @@ Real kiln-compile artifacts (the session's compiled MLP), kiln-serve over a real
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,17 @@ def test_an_aot_replica_is_ready_and_answers_without_importing_torch(compiled: d
     # the preload threads opened and warmed the model while the server was imported
     startup = next(line for line in server.log.read_text().splitlines() if "start-up:" in line)
     assert "compiled library hashed" in startup and "model opened and warmed up" in startup, startup
+
+
+def test_every_batch_size_is_warmed_up_behind_requests_when_asked(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
+    # on a GPU (the default there) each size's first call costs ~50 ms that every request in flight would wait for
+    server = serve(f"--artifact={compiled['mlp'].folder}", "--warm-batch-sizes=every", "--max-batch-size=16")
+    assert_answers_like_eager(server)  # answered while the background thread warms
+    deadline = time.monotonic() + 60
+    while "behind requests" not in (log := server.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "warmed up model at batch sizes 3..15 behind requests in" in log, log
+    assert_answers_like_eager(server)
 
 
 def test_torchs_runner_is_the_fallback_and_says_why(  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.api import DynamicBatch
+from kiln.enums import Loader
 from kiln.manifest import DimRange, Signature, TensorSpec
 from kiln.runtime.batching import Batcher
 from kiln.runtime.bodies import BodyBuffer, infer_model
@@ -16,6 +17,7 @@ from kiln.runtime.bundle import parse_config
 from kiln.runtime.compile import validation_points
 from kiln.runtime.errors import ArchiveError
 from kiln.runtime.intake_pool import memfd
+from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes
 from kiln.runtime.protocol import RequestInput
 from kiln.runtime.shm import HEADER, Arena
 from kiln.runtime.tensors import ALIGNMENT, from_rest
@@ -188,3 +190,20 @@ def test_arena_arrays_are_views_of_the_shared_memory_and_refs_are_checked() -> N
     with pytest.raises(ValueError, match="runs past the shared arena"):
         reader.array((1 << 16, "<f4", [1]))
     assert reader.offset_of(values) is None
+
+
+@pytest.mark.parametrize(
+    ("loader", "device", "every", "plan"),
+    [
+        (Loader.lean, "cuda", True, WarmPlan([1], [2, 6], [3, 4, 5])),  # a GPU: every other size behind requests
+        (Loader.lean, "cuda", False, WarmPlan([1], [2, 6], [])),
+        (Loader.lean, "cpu", False, WarmPlan([1], [], [])),  # a CPU's first call costs what any call costs
+        (Loader.jit, "cuda", True, WarmPlan([1, 2, 3, 4, 5, 6], [], [])),  # compiles: all before ready
+    ],
+)
+def test_warm_up_plans_say_which_batch_sizes_run_before_ready_and_which_behind_requests(
+    loader: Loader, device: str, every: bool, plan: WarmPlan
+) -> None:
+    signature = Signature(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[])
+    model = LoadedModel(lambda arrays: list(arrays), signature, 8, loader, device)
+    assert warm_sizes(model, 6, every) == plan
