@@ -43,7 +43,7 @@ class WarmSizes(StrEnum):
     """Which batch sizes kiln-serve calls once before requests need them (--warm-batch-sizes)."""
 
     auto = "auto"  # every size on a GPU for compiled libraries, the ends elsewhere
-    every = "every"  # 1, 2 and the largest by ready, then every other size in a background thread
+    every = "every"  # 1, 2 and the largest by ready, then every size in the model thread between requests
     ends = "ends"  # 1, 2 and the largest only: any other size's first batch pays its first-call cost
 
 

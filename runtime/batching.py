@@ -88,10 +88,10 @@ class Batcher:
         dim: int = 0,
         batchable: bool = True,
         finish: FinishFn | None = None,
-        prepare: Callable[[], None] | None = None,
+        idle: Callable[[], bool] | None = None,
     ) -> None:
         self._run = run
-        self._prepare = prepare  # runs in the model thread before the first batch (late warm-up)
+        self._idle = idle  # one step of work for the model thread while no request waits; False: no more
         self._merge = merge or concat
         self._finish = finish
         self._dim = dim
@@ -146,10 +146,24 @@ class Batcher:
         except queue.Empty:
             return None
 
+    def _next_or_idle(self) -> _Pending | object | None:
+        """The next queued request; while none is queued, steps of idle work, one at a time."""
+        while self._idle is not None:
+            if (item := self._next(0)) is not None:
+                return item
+            try:
+                more = self._idle()
+            except Exception:  # a batch of that size will report its own error; keep serving
+                log.exception("idle work in the model thread failed")
+                more = False
+            if not more:
+                self._idle = None
+        return self._next(None)
+
     def _gather(self) -> list[_Pending] | None:
         """The next batch: the oldest request, then others of its group that fit before the delay ends;
         None: stop."""
-        first = self._held.popleft() if self._held else self._next(None)
+        first = self._held.popleft() if self._held else self._next_or_idle()
         if not isinstance(first, _Pending):
             return None
         batch, rows = [first], first.rows
@@ -184,11 +198,6 @@ class Batcher:
         return batch
 
     def _work(self) -> None:
-        if self._prepare is not None:
-            try:
-                self._prepare()
-            except Exception:  # a batch of that size will report its own error; keep serving
-                log.exception("late warm-up failed")
         while (batch := self._gather()) is not None:
             batch = [p for p in batch if not p.future.done()]  # drop requests whose client left
             if not batch:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
-from kiln.runtime.tensors import from_rest, to_rest
+from kiln.runtime.tensors import from_rest, to_rest, zero_arrays
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,17 @@ class ModelInfo(BaseModel):
         )
 
 
+def spans(sizes: list[int]) -> str:
+    """`1, 2, 64, 3..63`: sizes with runs of consecutive ones shortened."""
+    out: list[list[int]] = []
+    for size in sizes:
+        if out and size == out[-1][-1] + 1:
+            out[-1].append(size)
+        else:
+            out.append([size])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in out)
+
+
 class DataPlane:
     """One served model. `load()` runs in a worker thread; `ready` flips after warm-up.
 
@@ -116,25 +126,25 @@ class DataPlane:
         warm_up(model, sizes)
         log.info("warmed up %s at batch sizes %s", self.name, sizes)
 
-    def warm_behind(self, model: LoadedModel, sizes: list[int]) -> None:
-        """Warm up `sizes` one by one while requests are served (a compiled library on a GPU has a second
-        model instance for it), until done or draining; a failure is logged, serving goes on."""
-        start = time.perf_counter()
-        try:
-            for size in sizes:
-                if self.draining:
-                    return
-                warm_up(model, [size])
-        except Exception:
-            log.exception("warming up %s behind requests failed; sizes not yet run pay it on first use", self.name)
-            return
-        log.info(
-            "warmed up %s at batch sizes %d..%d behind requests in %.2f s",
-            self.name,
-            sizes[0],
-            sizes[-1],
-            time.perf_counter() - start,
-        )
+    def warm_between_requests(self, model: LoadedModel, sizes: list[int]) -> Callable[[], bool]:
+        """The model thread's idle work: one call at the next of `sizes` per step (False once done)."""
+        left, spent = list(sizes), [0.0]
+
+        def step() -> bool:
+            if not left:
+                log.info(
+                    "warmed up %s in the model thread at batch sizes %s between requests (%.2f s of calls)",
+                    self.name,
+                    spans(sizes),
+                    spent[0],
+                )
+                return False
+            start = time.perf_counter()
+            model.fn(zero_arrays(model.signature, {BATCH: left.pop(0)}))
+            spent[0] += time.perf_counter() - start
+            return True
+
+        return step
 
     def start(self) -> None:
         """Called on the event loop once load() returned: start batching, report ready."""
@@ -158,13 +168,9 @@ class DataPlane:
             dim=model.batch_dim,
             batchable=self.batching.batchable,
             finish=finish,
-            prepare=(lambda: self.warm_up(model, plan.after)) if plan.after else None,
+            idle=self.warm_between_requests(model, plan.served) if plan.served else None,
         )
         self.batcher.start()
-        if plan.behind:
-            threading.Thread(
-                target=self.warm_behind, args=(model, plan.behind), name="warm-behind", daemon=True
-            ).start()
         self.ready = True
 
     # -- requests --------------------------------------------------------------------

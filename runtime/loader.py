@@ -132,31 +132,35 @@ def lean_refusal(manifest: Manifest) -> str | None:
 
 
 class WarmPlan(NamedTuple):
-    """Batch sizes to call once: before reporting ready, right after (in the model thread, ahead of any
-    request), and behind (in a background thread while requests are served)."""
+    """Batch sizes to call once: before reporting ready, right after (on a GPU, still in the loading
+    thread), and in the model thread itself whenever no request waits (`served`, in this order)."""
 
     before: list[int]
     after: list[int]
-    behind: list[int] = []
+    served: list[int] = []
 
 
 def warm_sizes(model: LoadedModel, max_batch_size: int, every: bool = False) -> WarmPlan:
-    """Which batch sizes to warm up when; `every`: all sizes up to the largest, the others behind.
+    """Which batch sizes to warm up when and where; `every`: all sizes up to the largest.
 
     A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
     report ready. On a GPU the larger sizes still load kernels and library workspaces on first
     use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
     what any call costs, and warming batch 32 of BERT there would only hold the first requests
-    up for seconds. jit compiles per size: all sizes before ready. On a GPU every other size's first
-    call still costs ~50 ms more than its next (ResNet-50 on the H200, bench/first_calls.py: cuDNN
-    plans each convolution shape once), and every request in flight waits for it: with `every`,
-    a background thread pays it for each size instead of the first batch of that size."""
+    up for seconds. jit compiles per size: all sizes before ready.
+
+    On a GPU each size's first call in a thread still costs 20-50 ms more than its next (ResNet-50 on
+    the H200, bench/first_calls.py): cuDNN plans each convolution shape once per thread (torch keeps
+    the plans thread-local), so warm-ups in another thread do not spare the model thread, and every
+    request in flight waits for such a call. The model thread therefore calls each size itself
+    while it has no request to serve."""
     rows = min(max_batch_size, model.batch_max)
-    sizes = sorted({1, min(2, rows), rows})
-    behind = [s for s in range(1, rows + 1) if s not in sizes] if every else []
-    if not model.loader.runs_aotinductor:  # compiles per size, and not in two threads at once
-        return WarmPlan(sorted(sizes + behind), [])
-    return WarmPlan(sizes[:1], sizes[1:] if model.device != "cpu" else [], behind)
+    ends = sorted({1, min(2, rows), rows})
+    others = [s for s in range(1, rows + 1) if s not in ends] if every else []
+    served = ends + others if model.device != "cpu" or every else []
+    if not model.loader.runs_aotinductor:  # compiles per size
+        return WarmPlan(sorted(ends + others), [], served)
+    return WarmPlan(ends[:1], ends[1:] if model.device != "cpu" else [], served)
 
 
 def warm_up(model: LoadedModel, sizes: list[int]) -> None:

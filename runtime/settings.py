@@ -66,9 +66,10 @@ class ServeSettings:
     )
     warm_batch_sizes: WarmSizes = opt(
         WarmSizes.auto,
-        "every: once ready, call the model once at every batch size up to the largest in a background thread "
-        "(on a GPU a size's first call costs ~50 ms of cuDNN planning, which stalls every request in flight); "
-        "ends: only 1, 2 and the largest; auto: every on a GPU for compiled libraries, else ends.",
+        "every: once ready, the model thread calls the model once at every batch size up to the largest while "
+        "no request waits (on a GPU a size's first call in a thread costs 20-50 ms of cuDNN planning, which "
+        "stalls every request in flight); ends: only 1, 2 and the largest; auto: every on a GPU for compiled "
+        "libraries, else ends.",
     )
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")

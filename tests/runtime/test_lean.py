@@ -36,14 +36,17 @@ def test_an_aot_replica_is_ready_and_answers_without_importing_torch(compiled: d
     assert "compiled library hashed" in startup and "model opened and warmed up" in startup, startup
 
 
-def test_every_batch_size_is_warmed_up_behind_requests_when_asked(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
-    # on a GPU (the default there) each size's first call costs ~50 ms that every request in flight would wait for
+def test_the_model_thread_warms_every_batch_size_between_requests_when_asked(
+    compiled: dict[str, Artifact], serve
+) -> None:  # type: ignore[no-untyped-def]
+    # on a GPU (the default there) each size's first call in a thread costs 20-50 ms that every request in flight
+    # would wait for
     server = serve(f"--artifact={compiled['mlp'].folder}", "--warm-batch-sizes=every", "--max-batch-size=16")
-    assert_answers_like_eager(server)  # answered while the background thread warms
+    assert_answers_like_eager(server)  # answered between warm-up calls
     deadline = time.monotonic() + 60
-    while "behind requests" not in (log := server.log.read_text()) and time.monotonic() < deadline:
+    while "between requests" not in (log := server.log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "warmed up model at batch sizes 3..15 behind requests in" in log, log
+    assert "warmed up model in the model thread at batch sizes 1, 2, 16, 3..15 between requests" in log, log
     assert_answers_like_eager(server)
 
 

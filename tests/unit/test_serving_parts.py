@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,10 +71,14 @@ def test_aligned_binary_tensors_are_used_where_they_lie_and_others_are_copied() 
 
 def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() -> None:
     threads: set[str] = set()
-    prepared = threading.Event()
+    idle: list[str] = []
+
+    def warm_up_step() -> bool:  # idle work that never ends: requests are still served between steps
+        idle.append(threading.current_thread().name)
+        time.sleep(0.005)
+        return True
 
     def launch(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        assert prepared.is_set()  # late warm-up ran before any request
         threads.add(threading.current_thread().name)
         return [inputs[0] * 2]
 
@@ -82,7 +87,7 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
         return launched
 
     async def main() -> list[list[np.ndarray]]:
-        batcher = Batcher(launch, 8, 0.05, 16, finish=finish, prepare=prepared.set)
+        batcher = Batcher(launch, 8, 0.05, 16, finish=finish, idle=warm_up_step)
         batcher.start()
         requests = [[np.full((rows, 3), float(i))] for i, rows in enumerate([1, 2, 3, 1])]
         answers = await asyncio.gather(*(batcher.submit(r, r[0].shape[0]) for r in requests))
@@ -93,6 +98,7 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
     for i, (rows, answer) in enumerate(zip([1, 2, 3, 1], answers, strict=True)):
         assert np.array_equal(answer[0], np.full((rows, 3), 2.0 * i))
     assert threads == {"kiln-model", "kiln-answer"}
+    assert idle and set(idle) == {"kiln-model"}  # the thread that serves warms itself (cuDNN's plans are per thread)
 
 
 def test_a_batcher_merges_only_requests_whose_other_dimensions_match() -> None:
@@ -195,13 +201,15 @@ def test_arena_arrays_are_views_of_the_shared_memory_and_refs_are_checked() -> N
 @pytest.mark.parametrize(
     ("loader", "device", "every", "plan"),
     [
-        (Loader.lean, "cuda", True, WarmPlan([1], [2, 6], [3, 4, 5])),  # a GPU: every other size behind requests
-        (Loader.lean, "cuda", False, WarmPlan([1], [2, 6], [])),
+        # a GPU: the model thread calls each size itself between requests (cuDNN plans per thread)
+        (Loader.lean, "cuda", True, WarmPlan([1], [2, 6], [1, 2, 6, 3, 4, 5])),
+        (Loader.lean, "cuda", False, WarmPlan([1], [2, 6], [1, 2, 6])),
         (Loader.lean, "cpu", False, WarmPlan([1], [], [])),  # a CPU's first call costs what any call costs
-        (Loader.jit, "cuda", True, WarmPlan([1, 2, 3, 4, 5, 6], [], [])),  # compiles: all before ready
+        (Loader.lean, "cpu", True, WarmPlan([1], [], [1, 2, 6, 3, 4, 5])),
+        (Loader.jit, "cuda", True, WarmPlan([1, 2, 3, 4, 5, 6], [], [1, 2, 6, 3, 4, 5])),  # compiles: before ready
     ],
 )
-def test_warm_up_plans_say_which_batch_sizes_run_before_ready_and_which_behind_requests(
+def test_warm_up_plans_say_which_batch_sizes_run_before_ready_and_which_in_the_model_thread(
     loader: Loader, device: str, every: bool, plan: WarmPlan
 ) -> None:
     signature = Signature(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[])
