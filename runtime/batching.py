@@ -65,6 +65,9 @@ class _Pending:
 
 
 _STOP = object()
+# Batches a GPU holds at once (two model instances): a third cannot start before the first is done,
+# so past the delay it keeps gathering, checking every POLL_S.
+GPU_DEPTH, POLL_S = 2, 0.0005
 Outcome = list[list[np.ndarray]] | BaseException  # each request's results, or what went wrong
 
 
@@ -89,9 +92,12 @@ class Batcher:
         batchable: bool = True,
         finish: FinishFn | None = None,
         idle: Callable[[], bool] | None = None,
+        grow: bool = True,
     ) -> None:
         self._run = run
         self._idle = idle  # one step of work for the model thread while no request waits; False: no more
+        self._grow = grow and finish is not None  # keep gathering while the GPU holds GPU_DEPTH batches
+        self._launches = self._finished = 0  # each written by one thread: the model thread, the answerer
         self._merge = merge or concat
         self._finish = finish
         self._dim = dim
@@ -183,8 +189,13 @@ class Batcher:
                 if self._pending is not None and self._pending() <= len(batch) + len(self._held):
                     break  # nobody else is on the way: waiting would only add latency
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or (item := self._next(remaining)) is None:
+                busy = remaining <= 0 and self._grow and self._launches - self._finished >= GPU_DEPTH
+                if busy:
+                    remaining = POLL_S  # the GPU could not start this batch yet: let it grow meanwhile
+                if remaining <= 0:
                     break
+                if (item := self._next(remaining)) is None:
+                    continue  # the delay is over: look again whether the GPU is still full
             if not isinstance(item, _Pending):
                 self._queue.put(item)  # _STOP: serve this batch (and those held) first
                 break
@@ -211,6 +222,8 @@ class Batcher:
             if self._finish is None:
                 self._answer(batch, launched)
             else:
+                if not isinstance(launched, BaseException):
+                    self._launches += 1
                 self._launched.put((batch, launched))  # waits while the previous batch is still being answered
         self._launched.put(_STOP)
 
@@ -224,7 +237,13 @@ class Batcher:
         outcome: Outcome = launched
         if not isinstance(launched, BaseException):
             try:
-                results = self._finish(launched) if self._finish is not None else launched
+                if self._finish is not None:
+                    try:
+                        results = self._finish(launched)
+                    finally:
+                        self._finished += 1
+                else:
+                    results = launched
                 outcome = self._split(batch, results)
             except Exception as exc:
                 outcome = exc

@@ -35,6 +35,7 @@ class BatchSettings:
     max_queue: int
     batchable: bool = True
     warm: WarmSizes = WarmSizes.auto
+    grow: bool = True
 
 
 def describe(spec: TensorSpec) -> str:
@@ -169,6 +170,7 @@ class DataPlane:
             batchable=self.batching.batchable,
             finish=finish,
             idle=self.warm_between_requests(model, plan.served) if plan.served else None,
+            grow=self.batching.grow,
         )
         self.batcher.start()
         self.ready = True

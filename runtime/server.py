@@ -226,6 +226,7 @@ def batch_settings(settings: ServeSettings) -> BatchSettings:
         settings.max_queue,
         settings.batchable,
         settings.warm_batch_sizes,
+        settings.grow_batches,
     )
 
 

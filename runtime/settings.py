@@ -71,6 +71,11 @@ class ServeSettings:
         "stalls every request in flight); ends: only 1, 2 and the largest; auto: every on a GPU for compiled "
         "libraries, else ends.",
     )
+    grow_batches: bool = opt(
+        True,
+        "On a GPU: past --max-delay-ms a batch keeps taking requests while the GPU still holds two earlier "
+        "batches (it could not start sooner); false: it closes at --max-delay-ms.",
+    )
     max_queue: int = opt(256, "Requests waiting for the model beyond which new ones get 503 with Retry-After.")
     max_body_bytes: int = opt(64 << 20, "Largest request body accepted (413 above).")
     inductor_mode: str = opt("default", "jit: torch.compile mode.")

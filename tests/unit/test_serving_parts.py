@@ -101,6 +101,38 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
     assert idle and set(idle) == {"kiln-model"}  # the thread that serves warms itself (cuDNN's plans are per thread)
 
 
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_batch_keeps_growing_while_the_gpu_holds_two_earlier_ones(grow: bool) -> None:
+    calls: list[int] = []
+
+    def launch(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        calls.append(inputs[0].shape[0])
+        return inputs
+
+    def finish(launched: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.3)  # the GPU works on it
+        return launched
+
+    async def main() -> None:
+        batcher = Batcher(launch, 16, 0.001, 64, pending=lambda: 100, finish=finish, grow=grow)
+        batcher.start()
+
+        async def request(i: int) -> None:
+            await asyncio.sleep(0.01 * i)  # one request every 10 ms, all before the first batch is done
+            answer = await batcher.submit([np.full((1, 2), float(i))], 1)
+            assert np.array_equal(answer[0], np.full((1, 2), float(i)))
+
+        await asyncio.gather(*(request(i) for i in range(10)))
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert sum(calls) == 10 and calls[:2] == [1, 1]
+    if grow:  # the third batch could not start before the first was done: it took every later request
+        assert calls[2:] == [8]
+    else:  # it closed at the delay; the rest waited for the next one
+        assert len(calls) > 3 and calls[-1] < 8
+
+
 def test_a_batcher_merges_only_requests_whose_other_dimensions_match() -> None:
     calls: list[tuple[int, ...]] = []
 
