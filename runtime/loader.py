@@ -132,8 +132,9 @@ def lean_refusal(manifest: Manifest) -> str | None:
 
 
 class WarmPlan(NamedTuple):
-    """Batch sizes to call once: before reporting ready, right after (on a GPU, still in the loading
-    thread), and in the model thread itself whenever no request waits (`served`, in this order)."""
+    """Batch sizes to call once: before reporting ready; right after, in the preload thread (a GPU's
+    kernel loads are per process); and in the model thread itself whenever no request waits
+    (`served`, in this order: cuDNN's plans are per thread)."""
 
     before: list[int]
     after: list[int]
