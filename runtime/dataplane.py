@@ -130,6 +130,8 @@ class DataPlane:
     def warm_between_requests(self, model: LoadedModel, sizes: list[int]) -> Callable[[], bool]:
         """The model thread's idle work: one call at the next of `sizes` per step (False once done)."""
         left, spent = list(sizes), [0.0]
+        gauge = self.metrics.warm_sizes_left.labels(self.name)
+        gauge.set(len(left))
 
         def step() -> bool:
             if not left:
@@ -143,6 +145,7 @@ class DataPlane:
             start = time.perf_counter()
             model.fn(zero_arrays(model.signature, {BATCH: left.pop(0)}))
             spent[0] += time.perf_counter() - start
+            gauge.set(len(left))
             return True
 
         return step

@@ -54,6 +54,11 @@ class Metrics:
             "fallback",
         )
         self.warmup_seconds = self._gauge("kiln_model_warmup_seconds", "Seconds of warm-up inference.", "max")
+        self.warm_sizes_left = self._gauge(
+            "kiln_model_warm_sizes_left",
+            "Batch sizes the model thread has yet to call once (a first call stalls the requests in flight).",
+            "max",
+        )
         self.inflight = self._gauge(
             "kiln_inflight_requests", "Inference requests being handled, all processes.", "livesum"
         )

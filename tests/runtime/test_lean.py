@@ -47,6 +47,7 @@ def test_the_model_thread_warms_every_batch_size_between_requests_when_asked(
     while "between requests" not in (log := server.log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "warmed up model in the model thread at batch sizes 1, 2, 16, 3..15 between requests" in log, log
+    assert 'kiln_model_warm_sizes_left{model="model"} 0.0' in server.client.get("/metrics").text
     assert_answers_like_eager(server)
 
 
