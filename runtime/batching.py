@@ -8,7 +8,10 @@ Serve path, batching (no HTTP). One model thread gathers batches and runs them, 
 the compiled model is never called concurrently; the queue is bounded, and a full
 queue is refused at once (Overloaded) instead of growing memory. Where a model call
 only launches work (a GPU), a second thread waits for each batch's results and answers,
-while the model thread already gathers and launches the next.
+while the model thread already gathers and launches the next; past the delay, a batch the
+GPU could not start yet (two still in flight) keeps gathering. While no request is queued
+the model thread does idle work one step at a time (warm-up calls, which must run in the
+thread that serves: cuDNN keeps its plans per thread).
 """
 
 from __future__ import annotations
@@ -237,16 +240,11 @@ class Batcher:
         outcome: Outcome = launched
         if not isinstance(launched, BaseException):
             try:
-                if self._finish is not None:
-                    try:
-                        results = self._finish(launched)
-                    finally:
-                        self._finished += 1
-                else:
-                    results = launched
+                results = self._finish(launched) if self._finish is not None else launched
                 outcome = self._split(batch, results)
             except Exception as exc:
                 outcome = exc
+            self._finished += 1  # counted for launched batches only, as _launches is
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
             self._loop.call_soon_threadsafe(_resolve, batch, outcome)
 

@@ -23,7 +23,7 @@ from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
-from kiln.runtime.tensors import from_rest, to_rest, zero_arrays
+from kiln.runtime.tensors import from_rest, to_rest
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +129,23 @@ class DataPlane:
 
     def warm_between_requests(self, model: LoadedModel, sizes: list[int]) -> Callable[[], bool]:
         """The model thread's idle work: one call at the next of `sizes` per step (False once done)."""
-        left, spent = list(sizes), [0.0]
+        left, spent = list(sizes), 0.0
         gauge = self.metrics.warm_sizes_left.labels(self.name)
         gauge.set(len(left))
 
         def step() -> bool:
+            nonlocal spent
             if not left:
                 log.info(
                     "warmed up %s in the model thread at batch sizes %s between requests (%.2f s of calls)",
                     self.name,
                     spans(sizes),
-                    spent[0],
+                    spent,
                 )
                 return False
             start = time.perf_counter()
-            model.fn(zero_arrays(model.signature, {BATCH: left.pop(0)}))
-            spent[0] += time.perf_counter() - start
+            warm_up(model, [left.pop(0)], again=True)  # the preload thread's calls do not count here
+            spent += time.perf_counter() - start
             gauge.set(len(left))
             return True
 

@@ -138,7 +138,7 @@ class WarmPlan(NamedTuple):
 
     before: list[int]
     after: list[int]
-    served: list[int] = []
+    served: list[int]
 
 
 def warm_sizes(model: LoadedModel, max_batch_size: int, every: bool = False) -> WarmPlan:
@@ -164,10 +164,10 @@ def warm_sizes(model: LoadedModel, max_batch_size: int, every: bool = False) -> 
     return WarmPlan(ends[:1], ends[1:] if model.device != "cpu" else [], served)
 
 
-def warm_up(model: LoadedModel, sizes: list[int]) -> None:
-    """Call the model once at each batch size it has not run yet."""
+def warm_up(model: LoadedModel, sizes: list[int], again: bool = False) -> None:
+    """Call the model once at each batch size it has not run yet (`again`: also those another thread ran)."""
     for rows in sizes:
-        if rows not in model.warmed:
+        if again or rows not in model.warmed:
             model.fn(zero_arrays(model.signature, {BATCH: rows}))
             model.warmed.add(rows)
 
