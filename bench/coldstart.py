@@ -266,13 +266,15 @@ def main() -> int:
     hardware = describe(a.device)
     print(f"[coldstart] hardware: {hardware}", flush=True)
     modes = a.modes.split(",")
-    results = {m: run_model(m, a.device, a.work, a.batch_max, a.timeout, modes) for m in a.models.split(",")}
+    results: dict[str, Any] = {}
+    for name in a.models.split(","):
+        results[name] = run_model(name, a.device, a.work, a.batch_max, a.timeout, modes)
+        if a.out:  # after each model: a run cut short keeps what it measured
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"hardware": hardware, "results": results}, indent=2))
     print("\nReplica cold start (process start → first correct answer over HTTP)")
     print(f"hardware: {hardware}\n")
     print(table(results))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"hardware": hardware, "results": results}, indent=2))
     return 0
 
 

@@ -48,8 +48,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     model = load_artifact(a.artifact, a.device)
-    plan = warm_sizes(model, a.max_batch_size)  # what kiln-serve warms before the first request
-    warm_up(model, plan.before + plan.after)
+    warm_up(model, warm_sizes(model, a.max_batch_size).before)  # what kiln-serve warms before ready
     warmed = set(model.warmed)  # by kiln-serve's warm-up, before any thread below
     if a.warm_in_thread:
         sizes = range(1, min(a.max_batch_size, model.batch_max) + 1)

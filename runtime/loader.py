@@ -132,36 +132,33 @@ def lean_refusal(manifest: Manifest) -> str | None:
 
 
 class WarmPlan(NamedTuple):
-    """Batch sizes to call once: before reporting ready; right after, in the preload thread (a GPU's
-    kernel loads are per process); and in the model thread itself whenever no request waits
-    (`served`, in this order: cuDNN's plans are per thread)."""
+    """Batch sizes to call once: before reporting ready, and in the model thread itself whenever no
+    request waits (`served`, in this order: cuDNN's plans are per thread)."""
 
     before: list[int]
-    after: list[int]
     served: list[int]
 
 
 def warm_sizes(model: LoadedModel, max_batch_size: int, every: bool = False) -> WarmPlan:
     """Which batch sizes to warm up when and where; `every`: all sizes up to the largest.
 
-    A compiled artifact compiles nothing on a new batch size, so one correct call is enough to
-    report ready. On a GPU the larger sizes still load kernels and library workspaces on first
-    use, so they warm up right behind it (a fraction of a second); on a CPU a first call costs
-    what any call costs, and warming batch 32 of BERT there would only hold the first requests
-    up for seconds. jit compiles per size: all sizes before ready.
+    A compiled artifact compiles nothing on a new batch size, so one correct call (batch 1) is enough
+    to report ready. jit compiles per size: all sizes before ready.
 
-    On a GPU each size's first call in a thread still costs 20-50 ms more than its next (ResNet-50 on
+    On a GPU each size's first call in a thread still costs 20-70 ms more than its next (ResNet-50 on
     the H200, bench/first_calls.py): cuDNN plans each convolution shape once per thread (torch keeps
-    the plans thread-local), so warm-ups in another thread do not spare the model thread, and every
-    request in flight waits for such a call. The model thread therefore calls each size itself
-    while it has no request to serve."""
+    the plans thread-local), so warm-ups in the preload thread do not spare the model thread, and
+    every request in flight waits for such a call. The model thread therefore calls each size itself
+    while it has no request to serve, the ends (1, 2, largest) first; warming them in the preload
+    thread as well only delayed ready (docs/benchmarks.md §12). On a CPU a first call costs what any
+    call costs: nothing is warmed after ready unless `every` asks."""
     rows = min(max_batch_size, model.batch_max)
     ends = sorted({1, min(2, rows), rows})
     others = [s for s in range(1, rows + 1) if s not in ends] if every else []
     served = ends + others if model.device != "cpu" or every else []
     if not model.loader.runs_aotinductor:  # compiles per size
-        return WarmPlan(sorted(ends + others), [], served)
-    return WarmPlan(ends[:1], ends[1:] if model.device != "cpu" else [], served)
+        return WarmPlan(sorted(ends + others), served)
+    return WarmPlan(ends[:1], served)
 
 
 def warm_up(model: LoadedModel, sizes: list[int], again: bool = False) -> None:
@@ -173,18 +170,16 @@ def warm_up(model: LoadedModel, sizes: list[int], again: bool = False) -> None:
 
 
 def open_lean(folder: Path, device: str, threads: int, max_batch_size: int) -> LoadedModel | None:
-    """The lean model, opened and called at every batch size warm_sizes names (None: the lean loader is
-    not tried for it).
+    """The lean model, opened and called at the batch sizes warm_sizes names for before ready (None: the
+    lean loader is not tried for it).
 
-    Run by kiln-serve's preload thread while the main thread imports the server: the first calls
-    load kernels and library workspaces (cuDNN, cuBLAS), C work that then overlaps those imports,
-    and no request waits behind a warm-up once the replica is ready."""
+    Run by kiln-serve's preload thread while the main thread imports the server: the first call loads
+    kernels and library workspaces (cuDNN, cuBLAS), C work that then overlaps those imports."""
     manifest = Manifest.read(folder)
     if lean_refusal(manifest) is not None:
         return None
     model = load_lean(folder, manifest, device, threads)
-    plan = warm_sizes(model, max_batch_size)
-    warm_up(model, plan.before + plan.after)
+    warm_up(model, warm_sizes(model, max_batch_size).before)
     return model
 
 
