@@ -220,17 +220,37 @@ def intake_processes(port: int, model: str) -> int:
     return int(json.loads(client.conn.getresponse().read())["parameters"].get("intake_processes", 0))
 
 
-def batch_totals(port: int) -> tuple[float, float]:
-    """(rows, model calls) so far, from the server's kiln_batch_size histogram."""
+# Server-side histograms whose means say where a request's time went (ms), by the row key they fill.
+PARTS = {
+    "server_ms": "kiln_request_duration_seconds",  # the whole request in the server
+    "intake_ms": "kiln_intake_seconds",  # an intake's own part: reading, checking, answering
+    "model_ms": "kiln_model_seconds",  # the model process's part: queue, batch and model call
+    "queue_ms": "kiln_queue_seconds",  # a batch's first request, waiting to be gathered
+}
+
+
+def server_totals(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) so far of kiln_batch_size and the PARTS histograms, from the server's /metrics."""
     client = Client("127.0.0.1", port)
     client.conn.request("GET", "/metrics")
     text = client.conn.getresponse().read().decode()
-    found = {}
+    found: dict[str, list[float]] = {}
     for line in text.splitlines():
-        for part in ("sum", "count"):
-            if line.startswith(f"kiln_batch_size_{part}"):
-                found[part] = float(line.rsplit(" ", 1)[1])
-    return found.get("sum", 0.0), found.get("count", 0.0)
+        name, _, value = line.partition(" ")
+        for part, index in (("_sum", 0), ("_count", 1)):
+            if name.endswith(part) and not line.startswith("#"):
+                found.setdefault(name.removesuffix(part).split("{")[0], [0.0, 0.0])[index] += float(value)
+    return {k: (v[0], v[1]) for k, v in found.items()}
+
+
+def breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The mean batch and the mean ms of each PARTS histogram between two server_totals readings."""
+
+    def mean(metric: str, scale: float) -> float:
+        (s0, n0), (s1, n1) = before.get(metric, (0.0, 0.0)), after.get(metric, (0.0, 0.0))
+        return (s1 - s0) / max(1.0, n1 - n0) * scale
+
+    return {"mean_batch": mean("kiln_batch_size", 1.0)} | {key: mean(m, 1e3) for key, m in PARTS.items()}
 
 
 def empty_round_trip(port: int, seconds: float = 2.0) -> float:
@@ -308,13 +328,12 @@ def main() -> int:
             floor = empty_round_trip(port)
             processes = intake_processes(port, a.model)
             for protocol, c in itertools.product(protocols, conc):
-                rows_before, calls_before = batch_totals(port)
+                before = server_totals(port)
                 if protocol == "grpc":
                     r = load(grpc_port, a.model, b"", {}, c, a.seconds, path="grpc", variants=variants["grpc"])
                 else:
                     r = load(port, a.model, body, headers, c, a.seconds, variants=variants["http"])
-                rows_after, calls_after = batch_totals(port)
-                r["mean_batch"] = (rows_after - rows_before) / max(1.0, calls_after - calls_before)
+                r |= breakdown(before, server_totals(port))
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
                     "protocol": protocol,
@@ -332,7 +351,9 @@ def main() -> int:
                     f"[serving] {protocol} {loader} intakes={processes} batching={batching} {extra} c={c}: "
                     f"{r['rps']:.0f} req/s "
                     f"p50 {r['p50_ms']:.2f} ms (empty request {floor:.2f} ms, mean batch {r['mean_batch']:.1f}) "
-                    f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process)",
+                    f"p99 {r['p99_ms']:.2f} ms ({r['ratio']:.0%} of in-process); server means: request "
+                    f"{r['server_ms']:.2f} ms, intake {r['intake_ms']:.2f}, model process {r['model_ms']:.2f}, "
+                    f"queue {r['queue_ms']:.2f}",
                     flush=True,
                 )
         finally:

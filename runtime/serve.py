@@ -38,6 +38,7 @@ EXTENSION_MODULES = (
     "csv",  # importlib.metadata, when a package looks up its entry points
     "resource",
     "uvloop",  # uvicorn's event loop where installed
+    "encodings.idna",  # unicodedata: uvloop encodes the host it binds with the idna codec
 )
 
 
