@@ -243,6 +243,21 @@ def server_totals(port: int) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in found.items()}
 
 
+def warmed(port: int, timeout: float = 120.0) -> float:
+    """Seconds until the model thread has called every batch size once (kiln_model_warm_sizes_left is 0):
+    the rows measure a warm server; docs/benchmarks.md §11 measures the first seconds apart."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        client = Client("127.0.0.1", port)
+        client.conn.request("GET", "/metrics")
+        text = client.conn.getresponse().read().decode()
+        gauge = "kiln_model_warm_sizes_left"
+        if not any(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(gauge)):
+            break
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
 def breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
     """The mean batch and the mean ms of each PARTS histogram between two server_totals readings."""
 
@@ -325,6 +340,7 @@ def main() -> int:
         )
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
+            print(f"[serving] every batch size warmed in the model thread {warmed(port):.1f} s later", flush=True)
             floor = empty_round_trip(port)
             processes = intake_processes(port, a.model)
             for protocol, c in itertools.product(protocols, conc):

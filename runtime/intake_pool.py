@@ -15,8 +15,8 @@ connections with it: its clients see a closed connection, its requests still in 
 answered into its old arena (never a new intake's), and a replacement starts on a fresh socket pair
 and arenas; connections accepted meanwhile go to the others.
 
-Spawning needs only the standard library: kiln-serve starts the intakes before numpy, pydantic
-or libtorch load, so they import in parallel with the model's load.
+Spawning needs only the standard library: kiln-serve starts the intakes once its own C extensions are
+in, before pydantic's models or libtorch load, so they import in parallel with the model's load.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from kiln.runtime import frames
 
 if TYPE_CHECKING:
     from kiln.runtime.dataplane import DataPlane
+    from kiln.runtime.loader import Pipeline
     from kiln.runtime.metrics import Metrics
     from kiln.runtime.shm import Arena
 
@@ -112,9 +113,16 @@ class IntakePool:
         self.listener = listening_socket(host, port)
         self.shm_bytes, self.argv = shm_bytes, argv
         self.total = count
-        self.intakes = {i: self.spawn(i) for i in range(count)}
+        self.intakes: dict[int, Intake] = {}
         self.request_arenas: dict[int, Arena] = {}  # of the intakes being served, by index
         self.draining = False
+
+    def start(self) -> None:
+        """Spawn the intakes. kiln-serve calls it once its own C extensions are in: five interpreters
+        importing at once slowed the model process's imports, which lie on the way to ready, by
+        0.2-0.3 s on the H200's hosts (docs/benchmarks.md §12); the intakes' own imports then overlap
+        libtorch's load and the model's first call."""
+        self.intakes = {i: self.spawn(i) for i in range(self.total)}
 
     def spawn(self, index: int) -> Intake:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -183,10 +191,9 @@ class IntakePool:
         await ready.wait()
         assert plane.info is not None
         writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
+        writer.flush()  # now, not after page-locking: 32 MB per intake takes the driver ~20 ms
         pipeline = plane.model.pipeline if plane.model is not None else None
-        pinned = pipeline is not None and pipeline.pin(requests.base, min(requests.size, PINNED_BYTES))
-        if pipeline is not None:
-            log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
+        pinning = asyncio.create_task(self.pin(intake, requests, pipeline))
         tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
@@ -199,8 +206,18 @@ class IntakePool:
                     answers.free(block)
         writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
-        if pinned and pipeline is not None:
+        if await pinning and pipeline is not None:
             pipeline.unpin(requests.base)
+
+    @staticmethod
+    async def pin(intake: Intake, requests: Arena, pipeline: Pipeline | None) -> bool:
+        """Page-lock the first PINNED_BYTES of an intake's request arena, in a thread while requests flow:
+        copies from it are staged by the driver until then, DMA after."""
+        if pipeline is None:
+            return False
+        pinned = await asyncio.to_thread(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
+        log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
+        return pinned
 
     async def answer(
         self,

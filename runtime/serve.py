@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 importlib.import_module(name)
         preload.release()
         preload.mark("C extensions imported")
+        if pool is not None:
+            pool.start()
         from kiln.runtime import server
 
         preload.mark("server imported")
