@@ -236,10 +236,12 @@ def server_totals(port: int) -> dict[str, tuple[float, float]]:
     text = client.conn.getresponse().read().decode()
     found: dict[str, list[float]] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]  # name{labels} value
         for part, index in (("_sum", 0), ("_count", 1)):
-            if name.endswith(part) and not line.startswith("#"):
-                found.setdefault(name.removesuffix(part).split("{")[0], [0.0, 0.0])[index] += float(value)
+            if name.endswith(part):
+                found.setdefault(name.removesuffix(part), [0.0, 0.0])[index] += float(value)
     return {k: (v[0], v[1]) for k, v in found.items()}
 
 

@@ -5,7 +5,8 @@ arenas of kiln.runtime.shm and frames name them by `Ref`. Per-request frames are
 validated models: both ends are kiln-serve's own processes and a frame must cost microseconds; the
 one `ready` frame carries the model's description as a pydantic model (dataplane.ModelInfo).
 
-intake → model: `infer` (a request's tensors in the intake's arena), `release` (answer blocks read).
+intake → model: `up` (the intake's event loop runs: it can take connections), `infer` (a request's
+tensors in the intake's arena), `release` (answer blocks read).
 model → intake: `ready` (the model is loaded and warm), `answer` (output tensors in the model's
 arena for that intake), `failed` (the domain error a request met, by class name).
 """
@@ -20,6 +21,10 @@ from typing import Any, Literal, TypedDict
 from kiln.runtime.shm import Ref
 
 LENGTH = struct.Struct("<I")
+
+
+class Up(TypedDict):
+    kind: Literal["up"]
 
 
 class Infer(TypedDict):
@@ -52,7 +57,7 @@ class Failed(TypedDict):
     message: str
 
 
-Frame = Infer | Release | Ready | Answer | Failed
+Frame = Up | Infer | Release | Ready | Answer | Failed
 
 
 def encode(frame: Frame) -> bytes:

@@ -60,6 +60,7 @@ class ModelLink:
         self.handoff.setblocking(False)
         asyncio.get_running_loop().add_reader(self.handoff.fileno(), self.adopt, http)
         self.writer = frames.FrameWriter(stream)
+        self.writer.send({"kind": "up"})  # the model process may hand this intake connections now
         self.reading = asyncio.create_task(self.read(reader, plane, http))
 
     async def read(self, reader: asyncio.StreamReader, plane: IntakePlane, http: HttpServer) -> None:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -41,7 +42,6 @@ from kiln.runtime import frames
 
 if TYPE_CHECKING:
     from kiln.runtime.dataplane import DataPlane
-    from kiln.runtime.loader import Pipeline
     from kiln.runtime.metrics import Metrics
     from kiln.runtime.shm import Arena
 
@@ -97,6 +97,7 @@ class Intake:
     handoff: socket.socket  # accepted connections go to the intake over this one
     header: mmap.mmap  # the request arena's header: connections the intake has closed
     handed: int = 0  # connections handed to it
+    up: bool = False  # its event loop runs (its `up` frame came): it can take connections now
 
     @property
     def open_connections(self) -> int:
@@ -104,6 +105,13 @@ class Intake:
             return sys.maxsize
         closed: int = CLOSED.unpack_from(self.header, CLOSED_AT)[0]
         return self.handed - closed
+
+
+def handoff_order(intakes: Iterable[Intake]) -> list[Intake]:
+    """Which intake a new connection goes to, best first: those up (an intake still starting, at start-up
+    or replacing one that died, would hold the connection until its imports are done), then the fewest
+    open connections."""
+    return sorted(intakes, key=lambda i: (not i.up, i.open_connections))
 
 
 class IntakePool:
@@ -148,7 +156,7 @@ class IntakePool:
                 log.warning("accepting a connection failed: %s", exc)
                 return
             with conn:  # the intake gets its own copy of the descriptor
-                for intake in sorted(self.intakes.values(), key=lambda i: i.open_connections):
+                for intake in handoff_order(self.intakes.values()):
                     try:
                         socket.send_fds(intake.handoff, [b"c"], [conn.fileno()])
                     except OSError:  # exited or not reading (its buffer is full): the next one
@@ -188,12 +196,7 @@ class IntakePool:
         self.request_arenas[intake.index] = requests
         reader, stream = await asyncio.open_unix_connection(sock=intake.channel)
         writer = frames.FrameWriter(stream)
-        await ready.wait()
-        assert plane.info is not None
-        writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
-        writer.flush()  # now, not after page-locking: 32 MB per intake takes the driver ~20 ms
-        pipeline = plane.model.pipeline if plane.model is not None else None
-        pinning = asyncio.create_task(self.pin(intake, requests, pipeline))
+        announcing = asyncio.create_task(self.announce(intake, requests, writer, plane, ready))
         tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         while (frame := await frames.read(reader)) is not None:
             if frame["kind"] == "infer":
@@ -204,15 +207,28 @@ class IntakePool:
             elif frame["kind"] == "release":
                 for block in frame["blocks"]:
                     answers.free(block)
+            elif frame["kind"] == "up":
+                intake.up = True
         writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
-        if await pinning and pipeline is not None:
+        if not ready.is_set():
+            announcing.cancel()  # else it finishes: a page-locking in flight must be undone below
+        (pinned,) = await asyncio.gather(announcing, return_exceptions=True)
+        pipeline = plane.model.pipeline if plane.model is not None else None
+        if pinned is True and pipeline is not None:
             pipeline.unpin(requests.base)
 
     @staticmethod
-    async def pin(intake: Intake, requests: Arena, pipeline: Pipeline | None) -> bool:
-        """Page-lock the first PINNED_BYTES of an intake's request arena, in a thread while requests flow:
-        copies from it are staged by the driver until then, DMA after."""
+    async def announce(
+        intake: Intake, requests: Arena, writer: frames.FrameWriter, plane: DataPlane, ready: asyncio.Event
+    ) -> bool:
+        """Once the model is ready: tell the intake, then page-lock the first PINNED_BYTES of its request
+        arena in a thread while requests flow (copies from it are staged by the driver until then, DMA
+        after; 32 MB take the driver ~20 ms). True: page-locked."""
+        await ready.wait()
+        assert plane.info is not None
+        writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
+        pipeline = plane.model.pipeline if plane.model is not None else None
         if pipeline is None:
             return False
         pinned = await asyncio.to_thread(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import threading
 import time
 
@@ -17,7 +18,7 @@ from kiln.runtime.bodies import BodyBuffer, infer_model
 from kiln.runtime.bundle import parse_config
 from kiln.runtime.compile import validation_points
 from kiln.runtime.errors import ArchiveError
-from kiln.runtime.intake_pool import memfd
+from kiln.runtime.intake_pool import CLOSED, CLOSED_AT, Intake, handoff_order, memfd
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes
 from kiln.runtime.protocol import RequestInput
 from kiln.runtime.shm import HEADER, Arena
@@ -247,3 +248,16 @@ def test_warm_up_plans_say_which_batch_sizes_run_before_ready_and_which_in_the_m
     signature = Signature(inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], outputs=[])
     model = LoadedModel(lambda arrays: list(arrays), signature, 8, loader, device)
     assert warm_sizes(model, 6, every) == plan
+
+
+def test_new_connections_go_to_intakes_that_are_up_then_to_the_least_loaded() -> None:
+    def intake(index: int, handed: int, closed: int, up: bool) -> Intake:
+        header = mmap.mmap(-1, mmap.PAGESIZE)
+        CLOSED.pack_into(header, CLOSED_AT, closed)
+        return Intake(index, None, None, -1, -1, None, header, handed, up)  # type: ignore[arg-type]
+
+    starting = intake(0, 0, 0, up=False)  # a replacement still importing: no connections yet
+    busy, idle = intake(1, 9, 1, up=True), intake(2, 5, 2, up=True)
+    assert [i.index for i in handoff_order([starting, busy, idle])] == [2, 1, 0]
+    starting.up = True
+    assert [i.index for i in handoff_order([starting, busy, idle])] == [0, 2, 1]
