@@ -32,11 +32,10 @@ from bench import models
 from bench.client import Client, decode, encode
 from bench.hardware import describe
 
-MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot-single", "aot-early", "aot"]
-LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot-single": "lean", "aot-early": "lean", "aot": "lean"}
-# aot-single: the lean replica as one process (--intake-processes=0); aot: with its intake processes (the default);
-# aot-early: intakes spawned at the process's first line (before its C extensions)
-MODE_ENV = {"aot-single": {"KILN_INTAKE_PROCESSES": "0"}, "aot-early": {"KILN_INTAKES_AT_START": "1"}}
+MODES = ["eager", "jit-cold", "jit-warm", "aot-package", "aot-runner", "aot-single", "aot"]
+LOADERS = {"aot-package": "package", "aot-runner": "runner", "aot-single": "lean", "aot": "lean"}
+# aot-single: the lean replica as one process (--intake-processes=0); aot: with its intake processes (the default)
+MODE_ENV = {"aot-single": {"KILN_INTAKE_PROCESSES": "0"}}
 LOG_WORDS = ("loaded", "warmed up", "ready in", "Started server", "lean loader", "start-up")  # server log lines shown
 
 

@@ -128,7 +128,7 @@ class IntakePool:
     def start(self) -> None:
         """Spawn the intakes. kiln-serve calls it once its own C extensions are in: five interpreters
         importing at once slowed the model process's imports, which lie on the way to ready, by
-        0.2-0.3 s on the H200's hosts (docs/benchmarks.md §12); the intakes' own imports then overlap
+        0.1-0.3 s on the H200's hosts (docs/benchmarks.md §12); the intakes' own imports then overlap
         libtorch's load and the model's first call."""
         self.intakes = {i: self.spawn(i) for i in range(self.total)}
 

@@ -55,16 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     settings = parse_settings(args)
     with intakes(settings, args) as pool:
-        early = os.environ.get("KILN_INTAKES_AT_START") == "1"  # A/B of when intakes spawn (bench/coldstart)
-        if pool is not None and early:
-            pool.start()
         preload.start(settings)
         for name in EXTENSION_MODULES:
             with contextlib.suppress(ImportError):  # httptools and watchfiles are optional
                 importlib.import_module(name)
         preload.release()
         preload.mark("C extensions imported")
-        if pool is not None and not early:
+        if pool is not None:  # not sooner: their imports slowed this process's (docs/benchmarks.md §12)
             pool.start()
         from kiln.runtime import server
 
