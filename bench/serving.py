@@ -6,8 +6,11 @@ with and without dynamic batching, against the same compiled model called in-pro
 Each client sends batch-1 requests with binary tensors over keep-alive connections,
 from several processes so the client is not the bottleneck. Each server shape is compared
 in one run: loaders (`--loaders`) and intake-process counts (`--intakes 0,4,-1`); rows also
-give the mean batch the model ran and the p50 of an empty HTTP request (the loopback floor). With
-gRPC, the same server answers both protocols and each row names its protocol.
+give the mean batch the model ran, the p50 of an empty HTTP request (the loopback floor) and where
+a request's time went in the server (means of its request, intake, model-process and queue
+histograms). Each server is measured once its model thread has called every batch size (the first
+seconds after ready are docs/benchmarks.md §11's subject). With gRPC, the same server answers both
+protocols and each row names its protocol.
 """
 
 from __future__ import annotations
@@ -229,13 +232,16 @@ PARTS = {
 }
 
 
-def server_totals(port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) so far of kiln_batch_size and the PARTS histograms, from the server's /metrics."""
+def metrics_text(port: int) -> str:
     client = Client("127.0.0.1", port)
     client.conn.request("GET", "/metrics")
-    text = client.conn.getresponse().read().decode()
+    return client.conn.getresponse().read().decode()
+
+
+def server_totals(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) so far of every histogram (kiln_batch_size and the PARTS ones among them), from /metrics."""
     found: dict[str, list[float]] = {}
-    for line in text.splitlines():
+    for line in metrics_text(port).splitlines():
         if line.startswith("#") or " " not in line:
             continue
         name, value = line.split("{")[0].split(" ")[0], line.rsplit(" ", 1)[1]  # name{labels} value
@@ -250,11 +256,8 @@ def warmed(port: int, timeout: float = 120.0) -> float:
     the rows measure a warm server; docs/benchmarks.md §11 measures the first seconds apart."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
-        client = Client("127.0.0.1", port)
-        client.conn.request("GET", "/metrics")
-        text = client.conn.getresponse().read().decode()
         gauge = "kiln_model_warm_sizes_left"
-        if not any(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(gauge)):
+        if not any(float(line.rsplit(" ", 1)[1]) for line in metrics_text(port).splitlines() if line.startswith(gauge)):
             break
         time.sleep(0.1)
     return time.perf_counter() - start
