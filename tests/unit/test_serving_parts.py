@@ -105,33 +105,48 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
 @pytest.mark.parametrize("grow", [True, False])
 def test_a_batch_keeps_growing_while_the_gpu_holds_two_earlier_ones(grow: bool) -> None:
     calls: list[int] = []
+    gpu_done = threading.Event()  # the GPU holds the first batch until the test lets it go
 
     def launch(inputs: list[np.ndarray]) -> list[np.ndarray]:
         calls.append(inputs[0].shape[0])
         return inputs
 
     def finish(launched: list[np.ndarray]) -> list[np.ndarray]:
-        time.sleep(0.3)  # the GPU works on it
+        gpu_done.wait()
         return launched
+
+    async def launched(n: int, within_s: float) -> bool:
+        deadline = time.perf_counter() + within_s
+        while len(calls) < n and time.perf_counter() < deadline:
+            await asyncio.sleep(0.001)
+        return len(calls) >= n
 
     async def main() -> None:
         batcher = Batcher(launch, 16, 0.001, 64, pending=lambda: 100, finish=finish, grow=grow)
         batcher.start()
 
         async def request(i: int) -> None:
-            await asyncio.sleep(0.01 * i)  # one request every 10 ms, all before the first batch is done
             answer = await batcher.submit([np.full((1, 2), float(i))], 1)
             assert np.array_equal(answer[0], np.full((1, 2), float(i)))
 
-        await asyncio.gather(*(request(i) for i in range(10)))
+        asked = [asyncio.create_task(request(0))]
+        assert await launched(1, 5.0)
+        asked.append(asyncio.create_task(request(1)))
+        assert await launched(2, 5.0)  # the GPU now holds two batches
+        asked.append(asyncio.create_task(request(2)))
+        # Past the 1 ms delay: without growing, the third batch launches (and waits for the GPU);
+        # growing, it keeps gathering.
+        assert await launched(3, 5.0 if not grow else 0.1) is not grow
+        asked += [asyncio.create_task(request(i)) for i in range(3, 10)]
+        await asyncio.sleep(0.05)
+        gpu_done.set()
+        await asyncio.gather(*asked)
         await batcher.stop()
 
     asyncio.run(main())
-    assert sum(calls) == 10 and calls[:2] == [1, 1]
-    if grow:  # the third batch could not start before the first was done: it took every later request
-        assert calls[2:] == [8]
-    else:  # it closed at the delay; the rest waited for the next one
-        assert len(calls) > 3 and calls[-1] < 8
+    # Growing, the third batch took every later request; not, it closed at the delay and the rest
+    # waited for the next one.
+    assert calls == ([1, 1, 8] if grow else [1, 1, 1, 7])
 
 
 def test_a_batcher_merges_only_requests_whose_other_dimensions_match() -> None:
