@@ -3,10 +3,15 @@ pre-serialized ModelInferRequests (raw_input_contents) over gRPC, one connection
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import os
 import socket
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,3 +131,54 @@ class GrpcClient:
             return bytes(self.call(request, timeout=self.timeout))
         except grpc.RpcError:
             return None
+
+
+LOADGEN = Path(__file__).parent / "loadgen"
+
+
+def loadgen() -> Path:
+    """kiln-loadgen (bench/loadgen, Go's standard library only), built once per source version into
+    kiln's cache outside the clone; KILN_LOADGEN names a binary built elsewhere (a GPU host without Go)."""
+    if given := os.environ.get("KILN_LOADGEN"):
+        return Path(given)
+    source = b"".join((LOADGEN / name).read_bytes() for name in ("main.go", "go.mod"))
+    cache = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+    binary = cache / "bin" / f"kiln-loadgen-{hashlib.sha256(source).hexdigest()[:12]}"
+    if not binary.exists():
+        env = {**os.environ, "CGO_ENABLED": "0"}  # static: it runs on hosts without Go or this libc
+        subprocess.run(["go", "build", "-o", str(binary), "."], cwd=LOADGEN, env=env, check=True)
+    return binary
+
+
+def go_load(
+    port: int, path: str, variants: list[tuple[bytes, dict[str, str], Any]], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """bench.serving.load's numbers from kiln-loadgen: `concurrency` keep-alive connections for `seconds`,
+    each answer's first output checked against the variant's expected array (None: not checked)."""
+    spec = {
+        "address": f"127.0.0.1:{port}",
+        "path": path,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "variants": [
+            {
+                "body": base64.b64encode(body).decode(),
+                "headers": headers,
+                "expected": None if expected is None else [float(x) for x in expected.ravel()],
+            }
+            for body, headers, expected in variants
+        ],
+    }
+    done = subprocess.run([str(loadgen())], input=json.dumps(spec).encode(), capture_output=True, check=True)
+    result = json.loads(done.stdout)
+    if result.get("first_error"):
+        print(f"[client] first error: {result['first_error']}", flush=True)
+    return {
+        "concurrency": concurrency,
+        "requests": result["requests"],
+        "errors": result["errors"],
+        "wrong": result["wrong"],
+        "rps": result["requests"] / result["elapsed_s"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+    }

@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,64")
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--answer-bytes", type=int, default=4000, help="answer body size (ResNet-50: 1000 FP32)")
+    p.add_argument("--client", default="python", choices=("python", "go"), help="as bench.serving's --client")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     body, headers = encode(models.names(a.model), [t.numpy() for t in models.inputs(a.model, 1)])
@@ -111,7 +112,8 @@ def main() -> int:
         try:
             load(port, a.model, body, headers, 4, 1.0)
             for c in (int(x) for x in a.concurrency.split(",")):
-                r = load(port, a.model, body, headers, c, a.seconds) | {"processes": n, "body_bytes": len(body)}
+                r = load(port, a.model, body, headers, c, a.seconds, client=a.client)
+                r |= {"processes": n, "body_bytes": len(body), "client": a.client}
                 rows.append(r)
                 print(
                     f"[loopback] {n} null-server processes, c={c}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.3f} ms "
@@ -121,7 +123,7 @@ def main() -> int:
         finally:
             for proc in procs:
                 os.kill(proc.pid, signal.SIGKILL)
-    print(f"\nThe benchmark client against a null HTTP server ({a.model} bodies); hardware: {hardware}\n")
+    print(f"\nThe benchmark's {a.client} client against a null HTTP server ({a.model} bodies); hardware: {hardware}\n")
     print("| null-server processes | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench import models
-from bench.client import Client, GrpcClient, decode, decode_grpc, encode, encode_grpc
+from bench.client import Client, GrpcClient, decode, decode_grpc, encode, encode_grpc, go_load
 from bench.coldstart import free_port, matches, serve_command
 from bench.hardware import describe
 
@@ -100,11 +100,16 @@ def load(
     path: str | None = None,
     variants: list[Variant] | None = None,
     trim: bool = False,
+    client: str = "python",
 ) -> dict[str, Any]:
     """Batch-1 requests from `concurrency` keep-alive connections for `seconds`; `path` for non-v2 servers
     ("grpc": `port` is kiln-serve's gRPC port and bodies are serialized ModelInferRequests).
     With `variants` (bodies, their headers and eager answers), connection i sends variants i, i+1, … in turn and
-    checks every answer (`trim`: against the answer's leading part, for requests padded by the client)."""
+    checks every answer (`trim`: against the answer's leading part, for requests padded by the client).
+    `client` "go": HTTP from kiln-loadgen (bench/loadgen), which leaves the CPU to the server on small hosts."""
+    if client == "go" and path != "grpc" and not trim:
+        route = path or f"/v2/models/{model}/infer"
+        return go_load(port, route, variants or [(body, headers, None)], concurrency, seconds)
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     queue: Any = mp.get_context("fork").Queue()
@@ -304,6 +309,9 @@ def main() -> int:
         "applied to the batching runs)",
     )
     p.add_argument("--seconds", type=float, default=8)
+    p.add_argument(
+        "--client", default="python", choices=("python", "go"), help="HTTP client: Python threads, or kiln-loadgen (Go)"
+    )
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     protocols = a.protocols.split(",")
@@ -353,7 +361,7 @@ def main() -> int:
                 if protocol == "grpc":
                     r = load(grpc_port, a.model, b"", {}, c, a.seconds, path="grpc", variants=variants["grpc"])
                 else:
-                    r = load(port, a.model, body, headers, c, a.seconds, variants=variants["http"])
+                    r = load(port, a.model, body, headers, c, a.seconds, variants=variants["http"], client=a.client)
                 r |= breakdown(before, server_totals(port))
                 base = limit[min(c, 64) if batching else 1]
                 r |= {
@@ -380,7 +388,8 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-    print(f"\nServing {a.model} over {' and '.join(protocols)} vs in-process; hardware: {hardware}\n")
+    over = " and ".join(protocols)
+    print(f"\nServing {a.model} over {over} vs in-process; {a.client} client; hardware: {hardware}\n")
     print(
         "| protocol | loader | intake processes | batching | server args | concurrency | req/s | mean batch "
         "| p50 ms | p99 ms | in-process rows/s (same batch) | served / in-process | in-process p50 ms (batch 1) "
@@ -403,6 +412,7 @@ def main() -> int:
                 {
                     "hardware": hardware,
                     "model": a.model,
+                    "client": a.client,
                     "rows": rows,
                     "in_process": {loader: {str(k): v for k, v in lim.items()} for loader, lim in limits.items()},
                 },

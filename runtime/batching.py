@@ -11,7 +11,9 @@ only launches work (a GPU), a second thread waits for each batch's results and a
 while the model thread already gathers and launches the next; past the delay, a batch the
 GPU could not start yet (two still in flight) keeps gathering. While no request is queued
 the model thread does idle work one step at a time (warm-up calls, which must run in the
-thread that serves: cuDNN keeps its plans per thread).
+thread that serves: cuDNN keeps its plans per thread). A CPU model whose calls take under a
+millisecond runs a lone request (none other in flight) in the event loop itself, skipping the
+two thread wake-ups; a lock keeps it from running beside the model thread's call.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ _STOP = object()
 # Batches a GPU holds at once (two model instances): a third cannot start before the first is done,
 # so past the delay it keeps gathering, checking every POLL_S.
 GPU_DEPTH, POLL_S = 2, 0.0005
+# A model call that took under this (a small CPU model) runs in the event loop itself when its request is
+# the only one in flight: the trip through the model thread and back costs two thread wake-ups (80-130 µs
+# on a VM's idle cores, docs/benchmarks.md §13), more than such a call.
+INLINE_S = 1e-3
 Outcome = list[list[np.ndarray]] | BaseException  # each request's results, or what went wrong
 
 
@@ -96,8 +102,13 @@ class Batcher:
         finish: FinishFn | None = None,
         idle: Callable[[], bool] | None = None,
         grow: bool = True,
+        inline: bool = False,
     ) -> None:
         self._run = run
+        # May a lone request's quick call run in the event loop (no `finish` stage: it would block there)?
+        self._inline = inline and finish is None
+        self._calling = threading.Lock()  # held around every model call: the model is never called twice at once
+        self._last_call = float("inf")  # seconds the last model call took
         self._idle = idle  # one step of work for the model thread while no request waits; False: no more
         self._grow = grow and finish is not None  # keep gathering while the GPU holds GPU_DEPTH batches
         self._launches = self._finished = 0  # each written by one thread: the model thread, the answerer
@@ -135,6 +146,15 @@ class Batcher:
         return self._queue.qsize() + len(self._held)
 
     async def submit(self, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
+        if self._alone():
+            # One turn of the loop first: requests whose bodies came in the same wake-up get here too and
+            # count as in flight (then they are batched instead).
+            await asyncio.sleep(0)
+            if self._alone() and self._calling.acquire(blocking=False):
+                try:
+                    return self._call_inline(inputs, rows)
+                finally:
+                    self._calling.release()
         group = group_of(inputs, self._dim) if self._batchable else ()
         pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), group)
         try:
@@ -144,6 +164,26 @@ class Batcher:
         except queue.Full:
             raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
         return await pending.future
+
+    def _alone(self) -> bool:
+        """A quick model, no request queued and none other in flight: nothing to batch with, no one to block."""
+        if not self._inline or self._last_call >= INLINE_S or self.depth:
+            return False
+        return self._pending is None or self._pending() <= 1
+
+    def _call_inline(self, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
+        if self._observe:
+            self._observe(rows, 1, 0.0)
+        results: list[np.ndarray] = self._call(self._merge([inputs], self._dim))
+        return results
+
+    def _call(self, merged: Any) -> Any:
+        """The model on merged inputs, with the call lock held by the caller; its duration noted."""
+        start = time.perf_counter()
+        try:
+            return self._run(merged)
+        finally:
+            self._last_call = time.perf_counter() - start
 
     # -- the model thread ----------------------------------------------------------------------
     def _next(self, timeout: float | None) -> _Pending | object | None:
@@ -161,7 +201,8 @@ class Batcher:
             if (item := self._next(0)) is not None:
                 return item
             try:
-                more = self._idle()
+                with self._calling:
+                    more = self._idle()
             except Exception:  # a batch of that size will report its own error; keep serving
                 log.exception("idle work in the model thread failed")
                 more = False
@@ -219,7 +260,9 @@ class Batcher:
             if self._observe:
                 self._observe(sum(p.rows for p in batch), len(batch), time.perf_counter() - batch[0].enqueued)
             try:
-                launched: Any = self._run(self._merge([p.inputs for p in batch], self._dim))
+                merged = self._merge([p.inputs for p in batch], self._dim)
+                with self._calling:
+                    launched: Any = self._call(merged)
             except Exception as exc:
                 launched = exc
             if self._finish is None:

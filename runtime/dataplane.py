@@ -175,6 +175,7 @@ class DataPlane:
             finish=finish,
             idle=self.warm_between_requests(model, plan.served) if plan.served else None,
             grow=self.batching.grow,
+            inline=model.device == "cpu",
         )
         self.batcher.start()
         self.ready = True

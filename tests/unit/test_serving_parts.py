@@ -88,7 +88,7 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
         return launched
 
     async def main() -> list[list[np.ndarray]]:
-        batcher = Batcher(launch, 8, 0.05, 16, finish=finish, idle=warm_up_step)
+        batcher = Batcher(launch, 8, 0.05, 16, finish=finish, idle=warm_up_step, inline=True)
         batcher.start()
         requests = [[np.full((rows, 3), float(i))] for i, rows in enumerate([1, 2, 3, 1])]
         answers = await asyncio.gather(*(batcher.submit(r, r[0].shape[0]) for r in requests))
@@ -98,8 +98,40 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
     answers = asyncio.run(main())
     for i, (rows, answer) in enumerate(zip([1, 2, 3, 1], answers, strict=True)):
         assert np.array_equal(answer[0], np.full((rows, 3), 2.0 * i))
-    assert threads == {"kiln-model", "kiln-answer"}
+    assert threads == {"kiln-model", "kiln-answer"}  # a GPU's launch never runs in the event loop
     assert idle and set(idle) == {"kiln-model"}  # the thread that serves warms itself (cuDNN's plans are per thread)
+
+
+def test_a_quick_cpu_model_answers_a_lone_request_in_the_event_loop_and_batches_concurrent_ones() -> None:
+    calls: list[tuple[str, int]] = []
+    in_flight = [0]  # requests in flight, as DataPlane counts them
+
+    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        calls.append((threading.current_thread().name, inputs[0].shape[0]))
+        return [inputs[0] + 1]
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = Batcher(run, 8, 0.05, 16, pending=lambda: in_flight[0], inline=True)
+        batcher.start()
+
+        async def ask(i: int) -> list[np.ndarray]:
+            in_flight[0] += 1
+            try:
+                return await batcher.submit([np.full((1, 2), float(i))], 1)
+            finally:
+                in_flight[0] -= 1
+
+        first = await ask(0)  # how long a call takes is not known yet: the model thread
+        second = await ask(1)  # alone, and the last call was quick: the event loop
+        together = await asyncio.gather(*(ask(i) for i in range(2, 6)))  # four at once: one batch
+        await batcher.stop()
+        return [first, second, *together]
+
+    answers = asyncio.run(main())
+    for i, answer in enumerate(answers):
+        assert np.array_equal(answer[0], np.full((1, 2), i + 1.0))
+    loop = threading.main_thread().name
+    assert calls == [("kiln-model", 1), (loop, 1), ("kiln-model", 4)]
 
 
 @pytest.mark.parametrize("grow", [True, False])

@@ -1,0 +1,3 @@
+module kiln/bench/loadgen
+
+go 1.22
