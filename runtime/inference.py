@@ -95,6 +95,7 @@ class InferAnswer:
     def __init__(self, plane: DataPlane, limit: int, metrics: Metrics) -> None:
         self.plane, self.limit, self.metrics = plane, limit, metrics
         self.codes: dict[int, Any] = {}  # prometheus label children, resolved once per status
+        self.inflight, self.latency = metrics.inflight.labels(plane.name), metrics.latency.labels(plane.name)
 
     def _count(self, status: int) -> Any:
         if status not in self.codes:
@@ -103,14 +104,13 @@ class InferAnswer:
 
     async def __call__(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
         start = time.perf_counter()
-        inflight = self.metrics.inflight.labels(self.plane.name)
-        inflight.inc()
+        self.inflight.inc()
         try:
             status, payload, headers = await self._answer(name, body, header_len)
         finally:
-            inflight.dec()
+            self.inflight.dec()
         self._count(status).inc()
-        self.metrics.latency.labels(self.plane.name).observe(time.perf_counter() - start)
+        self.latency.observe(time.perf_counter() - start)
         return status, payload, headers
 
     async def _answer(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:

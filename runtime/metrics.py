@@ -9,7 +9,7 @@ variable before prometheus_client is imported) and any intake's /metrics adds th
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -24,6 +24,7 @@ Combine = Literal["max", "livesum", "liveall"]
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._batch_children: dict[str, tuple[Any, Any, Any]] = {}
         self.requests = Counter(
             "kiln_requests", "Inference requests by model and HTTP status.", ["model", "status"], registry=self.registry
         )
@@ -84,6 +85,9 @@ class Metrics:
         return generate_latest(registry)
 
     def observe_batch(self, model: str, rows: int, requests: int, waited: float) -> None:
-        self.batch_size.labels(model).observe(rows)
-        self.batch_requests.labels(model).observe(requests)
-        self.queue.labels(model).observe(waited)
+        children = self._batch_children.get(model)
+        if children is None:  # label children resolved once per model: a lookup is a lock and a dict per call
+            children = (self.batch_size.labels(model), self.batch_requests.labels(model), self.queue.labels(model))
+            self._batch_children[model] = children
+        for child, value in zip(children, (rows, requests, waited), strict=True):
+            child.observe(value)

@@ -8,6 +8,7 @@ BF16 arrays hold the bit patterns as uint16; the signature says which are BF16.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,7 +29,7 @@ def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> np.ndarra
             f"input {inp.name!r}: unknown datatype {inp.datatype!r}; expected one of {sorted(DATATYPES)}"
         )
     np_dtype = DATATYPES[inp.datatype]
-    count = int(np.prod(inp.shape)) if inp.shape else 1
+    count = math.prod(inp.shape)
     if binary is not None:
         if len(binary) != count * np_dtype.itemsize:
             raise InvalidInput(
@@ -45,7 +46,7 @@ def from_rest(inp: RequestInput, binary: bytes | memoryview | None) -> np.ndarra
             raise InvalidInput(f"input {inp.name!r}: data is not {inp.datatype} (or is ragged): {exc}") from exc
         if array.size != count:
             raise InvalidInput(f"input {inp.name!r}: {array.size} values for shape {inp.shape}, expected {count}")
-    if not array.flags.writeable or array.ctypes.data % ALIGNMENT:
+    if not array.flags.writeable or array.__array_interface__["data"][0] % ALIGNMENT:
         array = array.copy()  # read-only bytes, or a start that kernels' vector loads may not like
     return array.reshape(inp.shape)
 

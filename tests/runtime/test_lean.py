@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from examples import models
-from kiln.runtime.aoti_shim import host_copy
+from kiln.runtime.aoti_shim import LeanCpu, host_copy
 from tests.support.serving import Artifact, Server, infer_json, outputs_of
 
 
@@ -75,3 +75,12 @@ def test_strided_results_are_copied_out_in_row_major_order() -> None:
     got = host_copy(source, [3, 4], [1, 3], copy=True)
     assert got.flags.c_contiguous and np.array_equal(got, source.reshape(4, 3).T)
     assert not np.shares_memory(got, source)
+
+
+def test_cpu_results_are_copied_out_of_the_librarys_memory_whatever_their_strides() -> None:
+    source = np.arange(12, dtype=np.float32)
+    address = source.__array_interface__["data"][0]
+    contiguous = LeanCpu._copy(address, [3, 4], [4, 1], "FP32")
+    transposed = LeanCpu._copy(address, [3, 4], [1, 3], "FP32")
+    assert np.array_equal(contiguous, source.reshape(3, 4)) and not np.shares_memory(contiguous, source)
+    assert np.array_equal(transposed, source.reshape(4, 3).T) and not np.shares_memory(transposed, source)
