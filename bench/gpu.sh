@@ -11,6 +11,9 @@ export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
 # shared/notes/gpu-findings.md: AOTInductor libraries need the system libstdc++ there.
 export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")
 out=${OUT:-/tmp/out}
+# `SERVING_ARGS="--client go"` needs kiln-loadgen (the device has no Go): build it here and carry it in .whl,
+#   cp "$(bash bench/run.sh client_build)" .whl/kiln-loadgen
+[ -x .whl/kiln-loadgen ] && export KILN_LOADGEN=$PWD/.whl/kiln-loadgen
 cd $pkg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ -n "${LEAN_CHECK:-}" ]; then python3 -m bench.lean_check --device cuda 2>&1 | tee "$out/lean-check.log"; fi
