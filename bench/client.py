@@ -151,12 +151,18 @@ def loadgen() -> Path:
 
 
 def go_load(
-    port: int, path: str, variants: list[tuple[bytes, dict[str, str], Any]], concurrency: int, seconds: float
+    port: int,
+    path: str,
+    variants: list[tuple[bytes, dict[str, str], Any]],
+    concurrency: int,
+    seconds: float,
+    method: str = "POST",
 ) -> dict[str, Any]:
     """bench.serving.load's numbers from kiln-loadgen: `concurrency` keep-alive connections for `seconds`,
     each answer's first output checked against the variant's expected array (None: not checked)."""
     spec = {
         "address": f"127.0.0.1:{port}",
+        "method": method,
         "path": path,
         "concurrency": concurrency,
         "seconds": seconds,

@@ -278,8 +278,11 @@ def breakdown(before: dict[str, tuple[float, float]], after: dict[str, tuple[flo
     return {"mean_batch": mean("kiln_batch_size", 1.0)} | {key: mean(m, 1e3) for key, m in PARTS.items()}
 
 
-def empty_round_trip(port: int, seconds: float = 2.0) -> float:
-    """p50 ms of GET /v2/health/live on one keep-alive connection: the loopback HTTP floor of a request."""
+def empty_round_trip(port: int, seconds: float = 2.0, client_kind: str = "python") -> float:
+    """p50 ms of GET /v2/health/live on one keep-alive connection: the loopback HTTP floor of a request
+    (measured with the client the rows use)."""
+    if client_kind == "go":
+        return float(go_load(port, "/v2/health/live", [(b"", {}, None)], 1, seconds, method="GET")["p50_ms"])
     client = Client("127.0.0.1", port)
     times = []
     deadline = time.perf_counter() + seconds
@@ -354,7 +357,7 @@ def main() -> int:
         try:
             load(port, a.model, body, headers, 4, 1.0)  # warm connections and caches
             print(f"[serving] every batch size warmed in the model thread {warmed(port):.1f} s later", flush=True)
-            floor = empty_round_trip(port)
+            floor = empty_round_trip(port, client_kind=a.client)
             processes = intake_processes(port, a.model)
             for protocol, c in itertools.product(protocols, conc):
                 before = server_totals(port)

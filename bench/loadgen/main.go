@@ -34,6 +34,7 @@ type Variant struct {
 
 type Spec struct {
 	Address     string    `json:"address"` // host:port
+	Method      string    `json:"method"`  // POST when empty
 	Path        string    `json:"path"`
 	Concurrency int       `json:"concurrency"`
 	Seconds     float64   `json:"seconds"`
@@ -60,7 +61,14 @@ type answerHeader struct {
 
 func request(spec *Spec, v Variant) []byte {
 	var b strings.Builder
-	fmt.Fprintf(&b, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n", spec.Path, spec.Address, len(v.Body))
+	method := spec.Method
+	if method == "" {
+		method = "POST"
+	}
+	fmt.Fprintf(&b, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, spec.Path, spec.Address)
+	if method == "POST" {
+		fmt.Fprintf(&b, "Content-Length: %d\r\n", len(v.Body))
+	}
 	for k, val := range v.Headers {
 		fmt.Fprintf(&b, "%s: %s\r\n", k, val)
 	}
