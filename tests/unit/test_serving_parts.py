@@ -92,6 +92,9 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
         batcher.start()
         requests = [[np.full((rows, 3), float(i))] for i, rows in enumerate([1, 2, 3, 1])]
         answers = await asyncio.gather(*(batcher.submit(r, r[0].shape[0]) for r in requests))
+        deadline = time.perf_counter() + 5.0
+        while not idle and time.perf_counter() < deadline:  # with nothing queued, idle work resumes
+            await asyncio.sleep(0.001)
         await batcher.stop()
         return answers
 
