@@ -6,7 +6,6 @@ compared with eager PyTorch.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from examples import models
 from kiln.manifest import Manifest
 from kiln.runtime.tensors import bf16_bits, bf16_values
 from kiln.runtime.torch_arrays import BY_TORCH
-from tests.support.serving import Server, run_compile
+from tests.support.serving import Server, post_together, run_compile
 
 ENCODER_INPUTS = ["ids", "mask"]
 
@@ -110,8 +109,8 @@ def test_a_length_outside_the_range_or_unequal_across_inputs_is_a_400_naming_the
 def test_batching_merges_only_equal_lengths_and_every_caller_gets_its_own_rows(encoder: Path, serve) -> None:  # type: ignore[no-untyped-def]
     server = serve(artifact(encoder), "--max-batch-size=8", "--max-delay-ms=30")
     requests = [models.examples("encoder", 1 + i % 2, seed=i, length=(7, 19)[i % 2]) for i in range(48)]
-    with cf.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda inputs: infer(server, ENCODER_INPUTS, inputs), requests))
+    bodies = [{"inputs": [wire(n, t) for n, t in zip(ENCODER_INPUTS, inputs, strict=True)]} for inputs in requests]
+    responses = post_together(server, "/v2/models/model/infer", bodies)
     for inputs, response in zip(requests, responses, strict=True):
         got, want = answers(response), models.eager("encoder", *inputs)
         np.testing.assert_allclose(got["hidden"], want[1].numpy(), atol=1e-4, rtol=1e-3)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from examples import models
-from tests.support.serving import Artifact, Server, infer_json, outputs_of, run_compile
+from tests.support.serving import Artifact, Server, infer_json, json_body, outputs_of, post_together, run_compile
 
 WEIGHTS_SEED = 7  # not the seed a fresh module would get: equal outputs prove the weights were loaded
 
@@ -185,8 +185,7 @@ def test_batch_dimension_one_is_compiled_merged_and_split_along_dimension_one(  
     meta = server.client.get("/v2/models/model").json()
     assert meta["inputs"][0]["shape"] == [5, -1, 8] and meta["outputs"][0]["shape"] == [5, -1, 3]
     rows = [torch.randn(5, 1 + i % 3, 8, generator=torch.Generator().manual_seed(i)) for i in range(12)]
-    with cf.ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(lambda x: infer_json(server, "model", (x,), ["x"]), rows))
+    responses = post_together(server, "/v2/models/model/infer", [json_body((x,), ["x"]) for x in rows])
     # Weights are random (no model.pt): compare each answer with the same library run alone.
     alone = [outputs_of(infer_json(server, "model", (x,), ["x"]))[0] for x in rows]
     for x, response, single in zip(rows, responses, alone, strict=True):

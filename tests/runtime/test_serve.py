@@ -19,7 +19,7 @@ import tritonclient.http as triton
 
 from examples import models
 from kiln.manifest import Manifest
-from tests.support.serving import Artifact, Server, infer_json, outputs_of
+from tests.support.serving import Artifact, Server, infer_json, json_body, outputs_of, post_together
 
 
 @pytest.fixture
@@ -82,8 +82,7 @@ def test_concurrent_requests_are_merged_into_batches(compiled: dict[str, Artifac
         f"--artifact={compiled['mlp'].folder}", "--model-name=mlp", "--max-delay-ms=50", "--max-batch-size=16"
     )
     inputs = [models.examples("mlp", 1, seed=i) for i in range(32)]
-    with cf.ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda inp: infer_json(server, "mlp", inp, ["x", "y"]), inputs))
+    responses = post_together(server, "/v2/models/mlp/infer", [json_body(inp, ["x", "y"]) for inp in inputs])
     for inp, response in zip(inputs, responses, strict=True):  # every caller got its own rows back
         torch.testing.assert_close(outputs_of(response)[0], models.eager("mlp", *inp)[0], atol=1e-4, rtol=1e-3)
     calls = server.metric("kiln_batch_requests_count")
