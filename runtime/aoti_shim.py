@@ -7,9 +7,12 @@ libraries, which load in about half a second. Tensors are made and read with the
 host data stays in numpy arrays. On a GPU, inputs go up on a copy stream with CUDA's
 runtime, the library runs on a compute stream that waits for them, and the answering
 thread copies the results down: the model thread is already launching the next batch.
-ctypes releases the GIL during every foreign call. Anything missing (a symbol, the CUDA
-runtime, a library needing torch's proxy executor) raises LeanUnavailable with the reason;
-the loader then takes torch's path and says why.
+ctypes releases the GIL during every foreign call, except a CPU run whose last call took under
+QUICK_SECONDS. Per call only what changes is made: ctypes sizes and strides are kept per shape,
+and a CPU library's output layouts per input shapes, so after the first call at a shape only
+each output's address is read and a contiguous result is copied out with one memmove.
+Anything missing (a symbol, the CUDA runtime, a library needing torch's proxy executor)
+raises LeanUnavailable with the reason; the loader then takes torch's path and says why.
 """
 
 from __future__ import annotations
@@ -118,9 +121,8 @@ class Shim:
 
     def describe(self, handle: int) -> tuple[int, list[int], list[int], str]:
         """(data pointer, shape, strides in elements, datatype) of an output handle."""
-        ptr, ndim, dtype = ctypes.c_void_p(), ctypes.c_int64(), ctypes.c_int32()
+        ndim, dtype = ctypes.c_int64(), ctypes.c_int32()
         sizes, strides = _Int64s(), _Int64s()
-        _check(self.data_ptr(handle, ctypes.byref(ptr)), "read a result's address")
         _check(self.dim(handle, ctypes.byref(ndim)), "read a result's rank")
         _check(self.sizes(handle, ctypes.byref(sizes)), "read a result's shape")
         _check(self.strides(handle, ctypes.byref(strides)), "read a result's strides")
@@ -129,7 +131,7 @@ class Shim:
         datatype = self.datatypes.get(dtype.value)
         if datatype is None:
             raise RuntimeError(f"the model returned a tensor of torch dtype code {dtype.value}, which Kiln cannot send")
-        return int(ptr.value or 0), sizes[:n], strides[:n], datatype
+        return self.address(handle), sizes[:n], strides[:n], datatype
 
 
 def _contiguous_strides(shape: Sequence[int]) -> list[int]:
