@@ -231,7 +231,7 @@ def intake_processes(port: int, model: str) -> int:
 # Server-side histograms whose means say where a request's time went (ms), by the row key they fill.
 PARTS = {
     "server_ms": "kiln_request_duration_seconds",  # the whole request in the server
-    "intake_ms": "kiln_intake_seconds",  # an intake's own part: reading, checking, answering
+    "intake_ms": "kiln_intake_seconds",  # an intake encoding the answer from the model process's outputs
     "model_ms": "kiln_model_seconds",  # the model process's part: queue, batch and model call
     "queue_ms": "kiln_queue_seconds",  # a batch's first request, waiting to be gathered
 }

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -22,10 +23,11 @@ from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata
+from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata, RequestInput
 from kiln.runtime.tensors import from_rest, to_rest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,8 @@ class DataPlane:
             },
         )
 
-    def decode(
-        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
-    ) -> tuple[list[np.ndarray], int]:
-        """Request tensors in signature order, and the batch size they share."""
+    def check(self, request: InferenceRequest) -> tuple[list[RequestInput], int]:
+        """The request's inputs in signature order, checked against the signature, and the batch size they share."""
         sig = self.signature
         expected = {s.name: s for s in sig.inputs}
         given = {i.name: i for i in request.inputs}
@@ -237,7 +237,7 @@ class DataPlane:
                 f"inputs must be exactly {', '.join(describe(s) for s in sig.inputs)}; "
                 f"got {[i.name for i in request.inputs]}"
             )
-        tensors: list[np.ndarray] = []
+        inputs: list[RequestInput] = []
         seen: dict[str, tuple[int, str]] = {}
         for spec in sig.inputs:
             inp = given[spec.name]
@@ -252,8 +252,15 @@ class DataPlane:
             for index, name in enumerate(spec.dim_names()):
                 if name is not None:
                     self._check_dim(spec.name, index, name, inp.shape[index], seen)
-            tensors.append(from_rest(inp, binary.get(spec.name)))
-        return tensors, seen.get(BATCH, (1, ""))[0]
+            inputs.append(inp)
+        return inputs, seen.get(BATCH, (1, ""))[0]
+
+    def decode(
+        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
+    ) -> tuple[list[np.ndarray], int]:
+        """Request tensors in signature order, and the batch size they share."""
+        inputs, rows = self.check(request)
+        return [from_rest(inp, binary.get(inp.name)) for inp in inputs], rows
 
     def _check_dim(self, tensor: str, index: int, name: str, size: int, seen: dict[str, tuple[int, str]]) -> None:
         """One dynamic dimension of a request: inside its range, and equal wherever the name recurs."""
@@ -283,10 +290,14 @@ class DataPlane:
     async def infer(
         self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
     ) -> tuple[InferenceResponse, list[bytes]]:
+        tensors, rows = self.decode(request, binary)
+        return await self.call(tensors, rows, lambda outputs: self.encode(request, outputs))
+
+    async def call(self, tensors: list[np.ndarray], rows: int, answer: Callable[[list[np.ndarray]], T]) -> T:
+        """`answer` made of the model's outputs for checked tensors, while those outputs are valid."""
         if not self.ready:
             raise NotReady(f"model {self.name!r} is not ready")
-        tensors, rows = self.decode(request, binary)
-        return self.encode(request, await self.run(tensors, rows))
+        return answer(await self.run(tensors, rows))
 
     async def run(self, tensors: list[np.ndarray], rows: int) -> list[np.ndarray]:
         """Checked tensors through the batcher and the model (in the model's process)."""

@@ -26,6 +26,7 @@ from kiln.runtime.errors import (
     PayloadTooLarge,
 )
 from kiln.runtime.metrics import Metrics
+from kiln.runtime.plans import MAX_HEADER_BYTES, Plan, Plans
 from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,22 @@ def check_size(declared: str | None, limit: int) -> None:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
 
 
-def parse_body(
-    body: bytes | memoryview, header_len: str | None, limit: int
-) -> tuple[InferenceRequest, dict[str, memoryview]]:
-    """Parse a JSON body, or a JSON header followed by binary tensor data."""
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
+def header_end(body: bytes | memoryview, header_len: str | None) -> int:
+    """Where the JSON header ends: the binary extension's header length, or the whole body."""
     split = len(body) if header_len is None else (int(header_len) if header_len.isdigit() else -1)
     if not 0 <= split <= len(body):
         raise InvalidInput(f"{BINARY_HEADER} is {header_len}, but the body has {len(body)} bytes")
+    return split
+
+
+def parse_body(
+    body: bytes | memoryview, header_len: str | None, limit: int
+) -> tuple[InferenceRequest, dict[str, tuple[int, int]]]:
+    """Parse a JSON body, or a JSON header followed by binary tensor data: the request, and where each
+    binary input's bytes start and end in the body."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit}")
+    split = header_end(body, header_len)
     try:
         parsed = InferenceRequest.model_validate(json.loads(bytes(body[:split])))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -73,8 +81,7 @@ def parse_body(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise InvalidInput(f"malformed inference request at {where}: {first['msg']}") from exc
-    binary: dict[str, memoryview] = {}
-    view = memoryview(body)  # slices without copying
+    layout: dict[str, tuple[int, int]] = {}
     offset = split
     for inp in parsed.inputs:
         size = (inp.parameters or {}).get("binary_data_size")
@@ -82,11 +89,11 @@ def parse_body(
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
             raise InvalidInput(f"input {inp.name!r}: binary_data_size {size} runs past the end of the body")
-        binary[inp.name] = view[offset : offset + size]
+        layout[inp.name] = (offset, offset + size)
         offset += size
     if offset != len(body):
         raise InvalidInput(f"{len(body) - offset} bytes of binary data are not claimed by any input")
-    return parsed, binary
+    return parsed, layout
 
 
 class InferAnswer:
@@ -95,6 +102,7 @@ class InferAnswer:
     def __init__(self, plane: DataPlane, limit: int, metrics: Metrics) -> None:
         self.plane, self.limit, self.metrics = plane, limit, metrics
         self.codes: dict[int, Any] = {}  # prometheus label children, resolved once per status
+        self.plans = Plans()
         self.inflight, self.latency = metrics.inflight.labels(plane.name), metrics.latency.labels(plane.name)
 
     def _count(self, status: int) -> Any:
@@ -116,14 +124,15 @@ class InferAnswer:
     async def _answer(self, name: str, body: bytes | memoryview, header_len: str | None) -> Parts:
         try:
             self.plane.check_name(name)
-            parsed, binary = parse_body(body, header_len, self.limit)
-            result, chunks = await self.plane.infer(parsed, binary)
+            plan = self.plan(body, header_len)
+            header, chunks = await self.plane.call(
+                plan.tensors(memoryview(body)), plan.rows, lambda outputs: plan.answer(outputs, self.plane.encode)
+            )
         except KilnError as exc:
             return error_parts(exc)
         except Exception as exc:  # the model raised: a JSON 500 naming it, counted, and the server keeps serving
             log.exception("model %s failed on a request", self.plane.name)
             return error_parts(ModelFailed.of(self.plane.name, exc))
-        header = result.model_dump_json(exclude_none=True).encode()
         if not chunks:
             return 200, header, [("content-type", "application/json")]
         return (
@@ -131,3 +140,19 @@ class InferAnswer:
             header + b"".join(chunks),
             [("content-type", "application/octet-stream"), (BINARY_HEADER.lower(), str(len(header)))],
         )
+
+    def plan(self, body: bytes | memoryview, header_len: str | None) -> Plan:
+        """The request's plan: kept from an earlier request with the same binary header, or made (and kept) now."""
+        key = None
+        if header_len is not None and len(body) <= self.limit:
+            split = header_end(body, header_len)
+            key = bytes(body[:split]) if split <= MAX_HEADER_BYTES else None
+        if key is not None and (plan := self.plans.get(key, len(body))) is not None:
+            return plan
+        parsed, layout = parse_body(body, header_len, self.limit)
+        inputs, rows = self.plane.check(parsed)
+        outputs = [spec.name for spec in self.plane.signature.outputs]
+        plan = Plan(parsed, [(inp, *layout.get(inp.name, (-1, -1))) for inp in inputs], rows, len(body), outputs)
+        if key is not None:
+            self.plans.keep(key, plan)
+        return plan

@@ -19,17 +19,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
 
 from kiln.runtime import errors, frames
-from kiln.runtime.dataplane import BatchSettings, DataPlane, ModelInfo
+from kiln.runtime.dataplane import BatchSettings, DataPlane, ModelInfo, T
 from kiln.runtime.errors import KilnError, ModelFailed, NotReady, Overloaded, PayloadTooLarge
 from kiln.runtime.intake_pool import INTAKE_ENV
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.protocol import InferenceRequest, InferenceResponse
 from kiln.runtime.server import HttpServer, batch_settings
 from kiln.runtime.settings import parse_settings
 from kiln.runtime.shm import Arena, Ref
@@ -145,24 +144,20 @@ class IntakePlane(DataPlane):
         super().__init__(name, batching, metrics)
         self.link, self.index = link, index
 
-    async def infer(
-        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
-    ) -> tuple[InferenceResponse, list[bytes]]:
+    async def call(self, tensors: list[np.ndarray], rows: int, answer: Callable[[list[np.ndarray]], T]) -> T:
+        """`answer` made of the model process's outputs, read where they lie in its arena."""
         if not self.ready:
             raise NotReady(f"model {self.name!r} is not ready")
-        start = time.perf_counter()
         inflight = self.metrics.intake_inflight.labels(self.name)
         inflight.inc()
         try:
-            tensors, rows = self.decode(request, binary)
-            sent = time.perf_counter()
             async with self.link.call(tensors, rows) as outputs:
                 back = time.perf_counter()
-                answer = self.encode(request, outputs)
+                result = answer(outputs)
         finally:
             inflight.dec()
-        self.metrics.intake_seconds.labels(self.name).observe(time.perf_counter() - start - (back - sent))
-        return answer
+        self.metrics.intake_seconds.labels(self.name).observe(time.perf_counter() - back)
+        return result
 
 
 def main() -> int:

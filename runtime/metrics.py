@@ -38,7 +38,7 @@ class Metrics:
         )
         self.intake_seconds = self._histogram(
             "kiln_intake_seconds",
-            "Time an intake process spent on a request: reading, checking, answering (not the model's part).",
+            "Time an intake process spent encoding a request's answer from the model process's outputs.",
         )
         self.model_seconds = self._histogram(
             "kiln_model_seconds", "Time a request spent in the model process: queue, batch and model call."

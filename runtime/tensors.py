@@ -63,12 +63,17 @@ def bf16_values(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
+def raw_bytes(array: np.ndarray) -> bytes:
+    """An output's bytes as the binary tensor extension sends them: row-major, little-endian."""
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def to_rest(name: str, datatype: str, array: np.ndarray, binary: bool) -> tuple[ResponseOutput, bytes | None]:
     """A result array (of the signature's `datatype`: BF16 arrays hold bits) as a wire output, with its raw
     bytes when binary is asked for."""
     array = np.ascontiguousarray(array)
     if binary:
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        raw = raw_bytes(array)
         out = ResponseOutput(
             name=name, datatype=datatype, shape=list(array.shape), parameters={"binary_data_size": len(raw)}
         )
