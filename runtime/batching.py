@@ -12,8 +12,10 @@ while the model thread already gathers and launches the next; past the delay, a 
 GPU could not start yet (two still in flight) keeps gathering. While no request is queued
 the model thread does idle work one step at a time (warm-up calls, which must run in the
 thread that serves: cuDNN keeps its plans per thread). A CPU model whose calls take under a
-millisecond runs a lone request (none other in flight) in the event loop itself, skipping the
-two thread wake-ups; a lock keeps it from running beside the model thread's call.
+millisecond runs in the event loop itself: the requests that reach the batcher in one turn of the
+loop (bodies that came in one wake-up) are batched and called at the end of that turn, skipping
+the two thread wake-ups; a lock keeps it from running beside the model thread's call, and once a
+call is slow or requests are queued, the model thread takes over.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ _STOP = object()
 # Batches a GPU holds at once (two model instances): a third cannot start before the first is done,
 # so past the delay it keeps gathering, checking every POLL_S.
 GPU_DEPTH, POLL_S = 2, 0.0005
-# A model call that took under this (a small CPU model) runs in the event loop itself when its request is
-# the only one in flight: the trip through the model thread and back costs two thread wake-ups (80-130 µs
-# on a VM's idle cores, docs/benchmarks.md §13), more than such a call.
+# A model call that took under this (a small CPU model) runs in the event loop itself, with the requests that
+# came in the same turn of the loop: the trip through the model thread and back costs two thread wake-ups
+# (80-130 µs on a VM's idle cores, docs/benchmarks.md §13), more than such a call, and leaves the loop idle.
 INLINE_S = 1e-3
 Outcome = list[list[np.ndarray]] | BaseException  # each request's results, or what went wrong
 
@@ -108,6 +110,7 @@ class Batcher:
         # May a lone request's quick call run in the event loop (no `finish` stage: it would block there)?
         self._inline = inline and finish is None
         self._calling = threading.Lock()  # held around every model call: the model is never called twice at once
+        self._turn: list[_Pending] = []  # quick requests of this turn of the event loop, called at its end
         self._last_call = float("inf")  # seconds the last model call took
         self._idle = idle  # one step of work for the model thread while no request waits; False: no more
         self._grow = grow and finish is not None  # keep gathering while the GPU holds GPU_DEPTH batches
@@ -146,36 +149,70 @@ class Batcher:
         return self._queue.qsize() + len(self._held)
 
     async def submit(self, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
-        if self._alone():
-            # One turn of the loop first: requests whose bodies came in the same wake-up get here too and
-            # count as in flight (then they are batched instead).
-            await asyncio.sleep(0)
-            if self._alone() and self._calling.acquire(blocking=False):
-                try:
-                    return self._call_inline(inputs, rows)
-                finally:
-                    self._calling.release()
         group = group_of(inputs, self._dim) if self._batchable else ()
         pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), group)
+        if self._quick():
+            if len(self._turn) >= self._queue.maxsize:  # the turn is a queue too: as bounded
+                raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly")
+            self._turn.append(pending)
+            if len(self._turn) == 1:  # the first request of this turn calls the model for all of it
+                try:
+                    await asyncio.sleep(0)  # one turn of the loop: requests whose bodies came in this wake-up join
+                finally:
+                    self._run_turn()
+        else:
+            self._enqueue(pending)
+        return await pending.future
+
+    def _enqueue(self, pending: _Pending) -> None:
+        """Into the model thread's bounded queue; Overloaded when it is full."""
         try:
             if self.depth >= self._queue.maxsize:
                 raise queue.Full
             self._queue.put_nowait(pending)
         except queue.Full:
             raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
-        return await pending.future
 
-    def _alone(self) -> bool:
-        """A quick model, no request queued and none other in flight: nothing to batch with, no one to block."""
-        if not self._inline or self._last_call >= INLINE_S or self.depth:
-            return False
-        return self._pending is None or self._pending() <= 1
+    def _quick(self) -> bool:
+        """Run in the event loop: a model whose last call was quick, and nothing queued for the model thread."""
+        return self._inline and self._last_call < INLINE_S and not self.depth
 
-    def _call_inline(self, inputs: list[np.ndarray], rows: int) -> list[np.ndarray]:
-        if self._observe:
-            self._observe(rows, 1, 0.0)
-        results: list[np.ndarray] = self._call(self._merge([inputs], self._dim))
-        return results
+    def _run_turn(self) -> None:
+        """In the event loop: the requests that came in one turn of it, batched and called right here; the
+        model thread takes them instead while it is calling, or once a call was not quick."""
+        turn, self._turn = self._turn, []
+        held = self._calling.acquire(blocking=False)
+        try:
+            while turn and held and self._last_call < INLINE_S:
+                batch, turn = self._take(turn)
+                if self._observe:
+                    self._observe(sum(p.rows for p in batch), len(batch), 0.0)
+                outcome: Outcome
+                try:
+                    outcome = self._split(batch, self._call(self._merge([p.inputs for p in batch], self._dim)))
+                except Exception as exc:
+                    outcome = exc
+                _resolve(batch, outcome)
+        finally:
+            if held:
+                self._calling.release()
+        for pending in turn:
+            try:
+                self._enqueue(pending)
+            except Overloaded as exc:
+                pending.future.set_exception(exc)
+
+    def _take(self, requests: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """The first request with those of its group that fit in one batch, and the others."""
+        first, batch, others = requests[0], requests[:1], []
+        rows = first.rows
+        for p in requests[1:]:
+            if self._batchable and p.group == first.group and rows + p.rows <= self._max_batch:
+                batch.append(p)
+                rows += p.rows
+            else:
+                others.append(p)
+        return batch, others
 
     def _call(self, merged: Any) -> Any:
         """The model on merged inputs, with the call lock held by the caller; its duration noted."""

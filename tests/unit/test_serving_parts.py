@@ -8,6 +8,8 @@ import asyncio
 import mmap
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from kiln.api import DynamicBatch
 from kiln.enums import Loader
 from kiln.manifest import DimRange, Signature, TensorSpec
-from kiln.runtime.batching import Batcher
+from kiln.runtime.batching import INLINE_S, Batcher
 from kiln.runtime.bodies import BodyBuffer, infer_model
 from kiln.runtime.bundle import parse_config
 from kiln.runtime.compile import validation_points
@@ -107,36 +109,50 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
     assert idle and set(idle) == {"kiln-model"}  # the thread that serves warms itself (cuDNN's plans are per thread)
 
 
-def test_a_quick_cpu_model_answers_a_lone_request_in_the_event_loop_and_batches_concurrent_ones() -> None:
+def test_a_quick_cpu_model_is_called_in_the_event_loop_with_the_requests_of_one_turn() -> None:
     calls: list[tuple[str, int]] = []
-    in_flight = [0]  # requests in flight, as DataPlane counts them
+    slow = threading.Event()  # set: the model's calls take longer than INLINE_S
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
         calls.append((threading.current_thread().name, inputs[0].shape[0]))
+        if slow.is_set():
+            time.sleep(2 * INLINE_S)
         return [inputs[0] + 1]
 
     async def main() -> list[list[np.ndarray]]:
-        batcher = Batcher(run, 8, 0.05, 16, pending=lambda: in_flight[0], inline=True)
+        batcher = Batcher(run, 8, 0.05, 16, inline=True)
         batcher.start()
 
-        async def ask(i: int) -> list[np.ndarray]:
-            in_flight[0] += 1
-            try:
-                return await batcher.submit([np.full((1, 2), float(i))], 1)
-            finally:
-                in_flight[0] -= 1
+        def ask(i: int, rows: int = 1) -> Coroutine[Any, Any, list[np.ndarray]]:
+            return batcher.submit([np.full((rows, 2), float(i))], rows)
 
         first = await ask(0)  # how long a call takes is not known yet: the model thread
-        second = await ask(1)  # alone, and the last call was quick: the event loop
-        together = await asyncio.gather(*(ask(i) for i in range(2, 6)))  # four at once: one batch
+        second = await ask(1)  # the last call was quick: the event loop
+        # Five in one turn: one batch of the group that fits (1 + 2 + 1 + 3 rows), then the 2-row one.
+        together = await asyncio.gather(ask(2), ask(3, 2), ask(4), ask(5, 3), ask(6, 2))
+        other = await asyncio.gather(ask(7), batcher.submit([np.full((1, 3), 7.0)], 1))  # another shape: its own call
+        slow.set()
+        slowed = await ask(8)  # quick before: the loop (and slow now)
+        after = await ask(9)  # the last call was slow: the model thread again
         await batcher.stop()
-        return [first, second, *together]
+        return [first, second, *together, *other, slowed, after]
 
     answers = asyncio.run(main())
-    for i, answer in enumerate(answers):
-        assert np.array_equal(answer[0], np.full((1, 2), i + 1.0))
+    rows = [1, 1, 1, 2, 1, 3, 2, 1, 1, 1, 1]
+    values = [0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 9]
+    for answer, n, v in zip(answers, rows, values, strict=True):
+        assert answer[0].shape[0] == n and np.all(answer[0] == v + 1)
     loop = threading.main_thread().name
-    assert calls == [("kiln-model", 1), (loop, 1), ("kiln-model", 4)]
+    assert calls == [
+        ("kiln-model", 1),
+        (loop, 1),
+        (loop, 7),
+        (loop, 2),
+        (loop, 1),
+        (loop, 1),
+        (loop, 1),
+        ("kiln-model", 1),
+    ]
 
 
 @pytest.mark.parametrize("grow", [True, False])
