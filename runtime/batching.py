@@ -107,7 +107,7 @@ class Batcher:
         inline: bool = False,
     ) -> None:
         self._run = run
-        # May a lone request's quick call run in the event loop (no `finish` stage: it would block there)?
+        # May quick calls run in the event loop (no `finish` stage: it would block there)?
         self._inline = inline and finish is None
         self._calling = threading.Lock()  # held around every model call: the model is never called twice at once
         self._turn: list[_Pending] = []  # quick requests of this turn of the event loop, called at its end

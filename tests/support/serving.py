@@ -79,7 +79,7 @@ def outputs_of(response: httpx.Response) -> list[torch.Tensor]:
 def post_together(server: Server, path: str, bodies: list[dict[str, object]]) -> list[httpx.Response]:
     """POST each JSON body on a connection of its own so that all reach kiln-serve together: each is sent
     but its last byte, then every last byte at once. From a thread pool requests may arrive one at a time,
-    and a request alone in flight to a quick CPU model is answered at once, in no batch."""
+    and a quick CPU model is called for what reached it in one turn of the event loop: one at a time, no batch."""
     host, port = server.url.removeprefix("http://").split(":")
     raws = []
     for body in bodies:

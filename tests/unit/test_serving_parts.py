@@ -1,6 +1,6 @@
 """Pure pieces of kiln-serve's request path: body buffers, zero-copy tensors, shapes, and the batcher: its model
 and answering threads, batches that grow while the GPU is full (waiting on events, not on sleeps), and a quick
-CPU model's lone request answered in the event loop."""
+CPU model called in the event loop with the requests of one turn of it."""
 
 from __future__ import annotations
 
