@@ -104,11 +104,11 @@ class Batcher:
         finish: FinishFn | None = None,
         idle: Callable[[], bool] | None = None,
         grow: bool = True,
-        inline: bool = False,
+        inline_s: float = 0.0,
     ) -> None:
         self._run = run
-        # May quick calls run in the event loop (no `finish` stage: it would block there)?
-        self._inline = inline and finish is None
+        # Calls quicker than this run in the event loop (0: never; nor with a `finish` stage: it would block there).
+        self._inline_s = inline_s if finish is None else 0.0
         self._calling = threading.Lock()  # held around every model call: the model is never called twice at once
         self._turn: list[_Pending] = []  # quick requests of this turn of the event loop, called at its end
         self._last_call = float("inf")  # seconds the last model call took
@@ -175,7 +175,7 @@ class Batcher:
 
     def _quick(self) -> bool:
         """Run in the event loop: a model whose last call was quick, and nothing queued for the model thread."""
-        return self._inline and self._last_call < INLINE_S and not self.depth
+        return self._last_call < self._inline_s and not self.depth
 
     def _run_turn(self) -> None:
         """In the event loop: the requests that came in one turn of it, batched and called right here; the
@@ -183,7 +183,7 @@ class Batcher:
         turn, self._turn = self._turn, []
         held = self._calling.acquire(blocking=False)
         try:
-            while turn and held and self._last_call < INLINE_S:
+            while turn and held and self._last_call < self._inline_s:
                 batch, turn = self._take(turn)
                 if self._observe:
                     self._observe(sum(p.rows for p in batch), len(batch), 0.0)

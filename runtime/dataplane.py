@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from kiln.enums import Loader, WarmSizes
 from kiln.manifest import BATCH, Signature, TensorSpec
-from kiln.runtime.batching import Batcher, FinishFn, MergeFn, RunFn
+from kiln.runtime.batching import INLINE_S, Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
@@ -177,7 +177,7 @@ class DataPlane:
             finish=finish,
             idle=self.warm_between_requests(model, plan.served) if plan.served else None,
             grow=self.batching.grow,
-            inline=model.device == "cpu",
+            inline_s=INLINE_S if model.device == "cpu" else 0.0,
         )
         self.batcher.start()
         self.ready = True
