@@ -2,7 +2,9 @@
 
 Serve path, requests (the HTTP side of the dataplane, framework-free). Domain errors are mapped to codes in one
 place (`STATUS`), with the protocol's one error body `{"error": "..."}`; an exception the
-model raises is a 500 with that body too (ModelFailed), counted like any answer. Used by the fast
+model raises is a 500 with that body too (ModelFailed), counted like any answer. A binary request
+whose JSON header was seen before takes the kept plan for it (kiln.runtime.plans: parsed, checked,
+its answer header built once) and reaches the model through `DataPlane.call`. Used by the fast
 front (kiln.runtime.server) and by the FastAPI application (kiln.runtime.routes).
 """
 
