@@ -137,11 +137,12 @@ LOADGEN = Path(__file__).parent / "loadgen"
 
 
 def loadgen() -> Path:
-    """kiln-loadgen (bench/loadgen, Go's standard library only), built once per source version into
-    kiln's cache outside the clone; KILN_LOADGEN names a binary built elsewhere (a GPU host without Go)."""
+    """kiln-loadgen (bench/loadgen: Go's standard library, and grpc-go for gRPC), built once per source
+    version into kiln's cache outside the clone; KILN_LOADGEN names a binary built elsewhere (a GPU host
+    without Go or the module proxy)."""
     if given := os.environ.get("KILN_LOADGEN"):
         return Path(given)
-    source = b"".join((LOADGEN / name).read_bytes() for name in ("main.go", "go.mod"))
+    source = b"".join((LOADGEN / name).read_bytes() for name in ("main.go", "grpc.go", "go.mod", "go.sum"))
     cache = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
     binary = cache / "bin" / f"kiln-loadgen-{hashlib.sha256(source).hexdigest()[:12]}"
     if not binary.exists():
@@ -157,11 +158,14 @@ def go_load(
     concurrency: int,
     seconds: float,
     method: str = "POST",
+    protocol: str = "http",
 ) -> dict[str, Any]:
     """bench.serving.load's numbers from kiln-loadgen: `concurrency` keep-alive connections for `seconds`,
-    each answer's first output checked against the variant's expected array (None: not checked)."""
+    each answer's first output checked against the variant's expected array (None: not checked).
+    `protocol` "grpc": `path` is the method (GRPC_INFER) and bodies are serialized ModelInferRequests."""
     spec = {
         "address": f"127.0.0.1:{port}",
+        "protocol": protocol,
         "method": method,
         "path": path,
         "concurrency": concurrency,

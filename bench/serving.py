@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench import models
-from bench.client import Client, GrpcClient, decode, decode_grpc, encode, encode_grpc, go_load
+from bench.client import GRPC_INFER, Client, GrpcClient, decode, decode_grpc, encode, encode_grpc, go_load
 from bench.coldstart import free_port, matches, serve_command
 from bench.hardware import describe
 
@@ -106,10 +106,12 @@ def load(
     ("grpc": `port` is kiln-serve's gRPC port and bodies are serialized ModelInferRequests).
     With `variants` (bodies, their headers and eager answers), connection i sends variants i, i+1, … in turn and
     checks every answer (`trim`: against the answer's leading part, for requests padded by the client).
-    `client` "go": HTTP from kiln-loadgen (bench/loadgen), which leaves the CPU to the server on small hosts."""
-    if client == "go" and path != "grpc" and not trim:
-        route = path or f"/v2/models/{model}/infer"
-        return go_load(port, route, variants or [(body, headers, None)], concurrency, seconds)
+    `client` "go": kiln-loadgen (bench/loadgen), which leaves the CPU to the server on small hosts."""
+    if client == "go" and not trim:
+        grpc = path == "grpc"
+        route = GRPC_INFER if grpc else path or f"/v2/models/{model}/infer"
+        protocol = "grpc" if grpc else "http"
+        return go_load(port, route, variants or [(body, headers, None)], concurrency, seconds, protocol=protocol)
     procs_n = min(concurrency, max(1, (os.cpu_count() or 2) // 2), 8)
     per = [concurrency // procs_n + (1 if i < concurrency % procs_n else 0) for i in range(procs_n)]
     queue: Any = mp.get_context("fork").Queue()
@@ -325,7 +327,10 @@ def main() -> int:
     )
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument(
-        "--client", default="python", choices=("python", "go"), help="HTTP client: Python threads, or kiln-loadgen (Go)"
+        "--client",
+        default="python",
+        choices=("python", "go"),
+        help="Python threads, or kiln-loadgen (Go; HTTP and gRPC)",
     )
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -374,7 +379,7 @@ def main() -> int:
             for protocol, c in itertools.product(protocols, conc):
                 before = server_totals(port)
                 if protocol == "grpc":
-                    r = load(grpc_port, a.model, b"", {}, c, a.seconds, path="grpc", variants=variants["grpc"])
+                    r = load(grpc_port, a.model, b"", {}, c, a.seconds, "grpc", variants["grpc"], client=a.client)
                 else:
                     r = load(port, a.model, body, headers, c, a.seconds, variants=variants["http"], client=a.client)
                 r |= breakdown(before, server_totals(port))

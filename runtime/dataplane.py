@@ -23,8 +23,9 @@ from kiln.runtime.batching import INLINE_S, Batcher, FinishFn, MergeFn, RunFn
 from kiln.runtime.errors import InvalidInput, ModelNotFound, NotReady
 from kiln.runtime.loader import LoadedModel, WarmPlan, warm_sizes, warm_up
 from kiln.runtime.metrics import Metrics
+from kiln.runtime.plans import Plan
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, MetadataTensor, ModelMetadata, RequestInput
-from kiln.runtime.tensors import from_rest, to_rest
+from kiln.runtime.tensors import to_rest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,12 +256,12 @@ class DataPlane:
             inputs.append(inp)
         return inputs, seen.get(BATCH, (1, ""))[0]
 
-    def decode(
-        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
-    ) -> tuple[list[np.ndarray], int]:
-        """Request tensors in signature order, and the batch size they share."""
+    def plan(self, request: InferenceRequest, layout: Mapping[str, tuple[int, int]], length: int) -> Plan:
+        """The request checked, as a plan (kiln.runtime.plans): its inputs in signature order, with where the
+        binary ones (named in `layout`) lie in a body of `length` bytes."""
         inputs, rows = self.check(request)
-        return [from_rest(inp, binary.get(inp.name)) for inp in inputs], rows
+        outputs = [spec.name for spec in self.signature.outputs]
+        return Plan(request, [(inp, *layout.get(inp.name, (-1, -1))) for inp in inputs], rows, length, outputs)
 
     def _check_dim(self, tensor: str, index: int, name: str, size: int, seen: dict[str, tuple[int, str]]) -> None:
         """One dynamic dimension of a request: inside its range, and equal wherever the name recurs."""
@@ -286,12 +287,6 @@ class DataPlane:
                 f"{seen[name][0]}: inputs that share dimension {name} must agree"
             )
         seen.setdefault(name, (size, tensor))
-
-    async def infer(
-        self, request: InferenceRequest, binary: Mapping[str, bytes | memoryview]
-    ) -> tuple[InferenceResponse, list[bytes]]:
-        tensors, rows = self.decode(request, binary)
-        return await self.call(tensors, rows, lambda outputs: self.encode(request, outputs))
 
     async def call(self, tensors: list[np.ndarray], rows: int, answer: Callable[[list[np.ndarray]], T]) -> T:
         """`answer` made of the model's outputs for checked tensors, while those outputs are valid."""

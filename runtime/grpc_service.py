@@ -5,10 +5,13 @@ Serve path, requests (beside kiln.runtime.inference, no HTTP). Triton's and KSer
 ServerMetadata, ModelMetadata and ModelInfer; inputs come as `raw_input_contents` (little-endian
 bytes, one entry per input) or typed `contents`, and outputs always go back as
 `raw_output_contents`, as Triton answers. A request is checked, batched and answered by the
-dataplane exactly as over HTTP; a domain error becomes the gRPC status that means the same
-(a bad shape is INVALID_ARGUMENT naming the expected one, a full queue UNAVAILABLE), counted in
-the same metrics with the status name as its label. Every intake process serves the port
-(gRPC listens with SO_REUSEPORT, so the kernel spreads connections over them).
+dataplane exactly as over HTTP. ModelInfer takes the message's bytes as grpc hands them over: its
+tensors are read where they lie, and its checked plan is kept by the rest of its fields
+(kiln.runtime.grpc_wire, kiln.runtime.plans), as an HTTP request's is by its JSON header. A domain
+error becomes the gRPC status that means the same (a bad shape is INVALID_ARGUMENT naming the
+expected one, a full queue UNAVAILABLE), counted in the same metrics with the status name as its
+label. Every intake process serves the port (gRPC listens with SO_REUSEPORT, so the kernel spreads
+connections over them).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from kiln import __version__
 from kiln.runtime import oip_v2_pb2 as pb
 from kiln.runtime.dataplane import DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, ModelFailed, ModelNotFound, NotReady, Overloaded
+from kiln.runtime.grpc_wire import plan_key, raw_output, split_request
 from kiln.runtime.metrics import Metrics
-from kiln.runtime.protocol import InferenceRequest, RequestInput, RequestOutput
+from kiln.runtime.plans import Plan, Plans
+from kiln.runtime.protocol import InferenceRequest, InferenceResponse, RequestInput, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -60,36 +65,42 @@ def parameter(value: pb.InferParameter) -> Any:
     return getattr(value, kind) if kind else None
 
 
-def to_request(message: pb.ModelInferRequest) -> tuple[InferenceRequest, dict[str, bytes]]:
-    """The protocol's request model and raw bytes per input: what the HTTP path hands the dataplane."""
-    raw = list(message.raw_input_contents)
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: send one per input")
-    inputs, binary = [], {}
-    for index, tensor in enumerate(message.inputs):
-        data = None
-        if raw:
-            binary[tensor.name] = raw[index]
-        else:
-            field = CONTENTS.get(tensor.datatype)
-            data = list(getattr(tensor.contents, field)) if field else None
+def to_request(message: pb.ModelInferRequest, raw_inputs: int) -> InferenceRequest:
+    """The protocol's request model of a ModelInferRequest whose `raw_inputs` raw_input_contents were split off
+    (kiln.runtime.grpc_wire): those inputs' bytes lie in the message, the others' values in typed contents."""
+    if raw_inputs and raw_inputs != len(message.inputs):
+        raise InvalidInput(f"{raw_inputs} raw_input_contents for {len(message.inputs)} inputs: send one per input")
+    inputs = []
+    for tensor in message.inputs:
+        field = None if raw_inputs else CONTENTS.get(tensor.datatype)
         inputs.append(
             RequestInput(
                 name=tensor.name,
                 shape=list(tensor.shape),
                 datatype=tensor.datatype,
                 parameters={k: parameter(v) for k, v in tensor.parameters.items()} or None,
-                data=data,
+                data=list(getattr(tensor.contents, field)) if field else None,
             )
         )
     outputs = [RequestOutput(name=o.name, parameters={"binary_data": True}) for o in message.outputs]
-    request = InferenceRequest(
+    return InferenceRequest(
         id=message.id or None,
         parameters={"binary_data_output": True},  # raw_output_contents, always
         inputs=inputs,
         outputs=outputs or None,
     )
-    return request, binary
+
+
+def response_header(result: InferenceResponse) -> bytes:
+    """A ModelInferResponse without its raw_output_contents: the answer's header (kiln.runtime.plans)."""
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    header: bytes = pb.ModelInferResponse(
+        model_name=result.model_name,
+        model_version=result.model_version or "",
+        id=result.id or "",
+        outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in result.outputs],
+    ).SerializeToString()
+    return header
 
 
 class InferenceService:
@@ -97,6 +108,9 @@ class InferenceService:
 
     def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
         self.plane, self.metrics = plane, metrics
+        self.plans = Plans()
+        self.codes: dict[grpc.StatusCode, Any] = {}  # prometheus label children, resolved once per code
+        self.inflight, self.latency = metrics.inflight.labels(plane.name), metrics.latency.labels(plane.name)
 
     async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -126,15 +140,18 @@ class InferenceService:
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
         )
 
-    async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Message:
+    async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """A serialized ModelInferRequest in, a serialized ModelInferResponse out (kiln.runtime.grpc_wire)."""
         start = time.perf_counter()
-        inflight = self.metrics.inflight.labels(self.plane.name)
-        inflight.inc()
+        self.inflight.inc()
         code = grpc.StatusCode.OK
         try:
-            self.plane.check_name(request.model_name)
-            parsed, binary = to_request(request)
-            result, chunks = await self.plane.infer(parsed, binary)
+            plan = self.plan(data)
+            header, chunks = await self.plane.call(
+                plan.tensors(memoryview(data)),
+                plan.rows,
+                lambda outputs: plan.answer(outputs, self.plane.encode, response_header),
+            )
         except KilnError as exc:
             code = self.code(exc)
             await self.abort(context, exc)
@@ -143,17 +160,33 @@ class InferenceService:
             code = grpc.StatusCode.INTERNAL
             await self.abort(context, ModelFailed.of(self.plane.name, exc))
         finally:
-            inflight.dec()
-            self.metrics.requests.labels(self.plane.name, f"grpc-{code.name}").inc()
-            self.metrics.latency.labels(self.plane.name).observe(time.perf_counter() - start)
-        tensor = pb.ModelInferResponse.InferOutputTensor
-        return pb.ModelInferResponse(
-            model_name=result.model_name,
-            model_version=result.model_version or "",
-            id=result.id or "",
-            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in result.outputs],
-            raw_output_contents=chunks,
-        )
+            self.inflight.dec()
+            self._count(code).inc()
+            self.latency.observe(time.perf_counter() - start)
+        return header + b"".join(raw_output(chunk) for chunk in chunks)
+
+    def plan(self, data: bytes) -> Plan:
+        """The request's plan: kept from an earlier request with the same fields and raw inputs where this one's
+        lie, or made (and kept) now."""
+        rest, raws = split_request(data)
+        key = plan_key(rest, raws)
+        if (plan := self.plans.get(key, len(data))) is not None:
+            return plan
+        try:
+            message = pb.ModelInferRequest.FromString(rest)
+        except DecodeError as exc:
+            raise InvalidInput(f"the request is not a valid ModelInferRequest: {exc}") from exc
+        self.plane.check_name(message.model_name)
+        request = to_request(message, len(raws))
+        layout = {tensor.name: span for tensor, span in zip(message.inputs, raws, strict=False)}
+        plan = self.plane.plan(request, layout, len(data))
+        self.plans.keep(key, plan)
+        return plan
+
+    def _count(self, code: grpc.StatusCode) -> Any:
+        if code not in self.codes:
+            self.codes[code] = self.metrics.requests.labels(self.plane.name, f"grpc-{code.name}")
+        return self.codes[code]
 
     async def named(self, name: str, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -175,17 +208,16 @@ class InferenceService:
             "ModelReady": (self.model_ready, pb.ModelReadyRequest),
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest),
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(
-                    fn, request_deserializer=kind.FromString, response_serializer=lambda m: m.SerializeToString()
-                )
-                for name, (fn, kind) in methods.items()
-            },
-        )
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=kind.FromString, response_serializer=lambda m: m.SerializeToString()
+            )
+            for name, (fn, kind) in methods.items()
+        }
+        # ModelInfer takes and gives bytes: kiln.runtime.grpc_wire finds the tensors in them without a parse
+        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 async def start(plane: DataPlane, metrics: Metrics, host: str, port: int, max_bytes: int) -> grpc.aio.Server:

@@ -29,7 +29,7 @@ from kiln.runtime.errors import (
 )
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.plans import MAX_HEADER_BYTES, Plan, Plans
-from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest
+from kiln.runtime.protocol import BINARY_HEADER, InferenceRequest, InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ def error_parts(exc: KilnError) -> Parts:
     if isinstance(exc, (Overloaded, NotReady)):
         headers.append(("retry-after", RETRY_AFTER_SECONDS))
     return code, json.dumps({"error": str(exc)}).encode(), headers
+
+
+def json_header(response: InferenceResponse) -> bytes:
+    return response.model_dump_json(exclude_none=True).encode()
 
 
 def check_size(declared: str | None, limit: int) -> None:
@@ -128,7 +132,9 @@ class InferAnswer:
             self.plane.check_name(name)
             plan = self.plan(body, header_len)
             header, chunks = await self.plane.call(
-                plan.tensors(memoryview(body)), plan.rows, lambda outputs: plan.answer(outputs, self.plane.encode)
+                plan.tensors(memoryview(body)),
+                plan.rows,
+                lambda outputs: plan.answer(outputs, self.plane.encode, json_header),
             )
         except KilnError as exc:
             return error_parts(exc)
@@ -152,9 +158,7 @@ class InferAnswer:
         if key is not None and (plan := self.plans.get(key, len(body))) is not None:
             return plan
         parsed, layout = parse_body(body, header_len, self.limit)
-        inputs, rows = self.plane.check(parsed)
-        outputs = [spec.name for spec in self.plane.signature.outputs]
-        plan = Plan(parsed, [(inp, *layout.get(inp.name, (-1, -1))) for inp in inputs], rows, len(body), outputs)
+        plan = self.plane.plan(parsed, layout, len(body))
         if key is not None:
             self.plans.keep(key, plan)
         return plan

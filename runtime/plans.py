@@ -1,4 +1,4 @@
-"""Request plans: what a binary request's JSON header says, worked out once per distinct header.
+"""Request plans: what a binary request's header says, worked out once per distinct header.
 
 Serve path, requests (framework-free). Clients of the binary tensor extension (tritonclient,
 kiln's benchmarks) send the same JSON header with every request; only the tensor bytes after it
@@ -7,7 +7,8 @@ answer's JSON header cost about 30 µs a request, a quarter of a small CPU model
 in-process (docs/benchmarks.md §14), for results that depend on the header's bytes alone. A plan
 keeps them, keyed by those bytes; a request whose header matches one and whose body has the length
 the header implies takes its tensors from the body and its answer header from the plan. Headers
-that carry tensor values (JSON data) are parsed every time.
+that carry tensor values (JSON data) are parsed every time. gRPC requests are planned the same way,
+keyed by their fields but the raw tensors (kiln.runtime.grpc_wire).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MAX_ANSWERS = 16  # answer headers per plan, one per set of output shapes
 
 Shapes = tuple[tuple[int, ...], ...]
 Encode = Callable[[InferenceRequest, list[np.ndarray]], tuple[InferenceResponse, list[bytes]]]
+Render = Callable[[InferenceResponse], bytes]  # the answer's header as the protocol writes it
 
 
 @dataclass
@@ -46,16 +48,16 @@ class Plan:
     def tensors(self, body: memoryview) -> list[np.ndarray]:
         return [from_rest(inp, body[start:end] if start >= 0 else None) for inp, start, end in self.inputs]
 
-    def answer(self, outputs: list[np.ndarray], encode: Encode) -> tuple[bytes, list[bytes]]:
-        """The answer's JSON header and binary chunks: the header from this plan when outputs of these shapes
-        were answered before, all binary."""
+    def answer(self, outputs: list[np.ndarray], encode: Encode, render: Render) -> tuple[bytes, list[bytes]]:
+        """The answer's header (`render`ed) and binary chunks: the header from this plan when outputs of these
+        shapes were answered before, all binary."""
         shapes = tuple(o.shape for o in outputs)
         known = self.answers.get(shapes)
         if known is not None:
             header, listed = known
             return header, [raw_bytes(outputs[i]) for i in listed]
         result, chunks = encode(self.request, outputs)
-        header = result.model_dump_json(exclude_none=True).encode()
+        header = render(result)
         if all(o.data is None for o in result.outputs) and len(self.answers) < MAX_ANSWERS:
             self.answers[shapes] = header, [self.outputs.index(o.name) for o in result.outputs]
         return header, chunks

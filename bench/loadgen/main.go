@@ -1,10 +1,11 @@
-// kiln-loadgen: the serving benchmark's HTTP client in Go, for hosts where a Python client would take
-// the CPU the server needs (bench/serving.py --client go; docs/benchmarks.md §13).
+// kiln-loadgen: the serving benchmark's client in Go, for hosts where a Python client would take
+// the CPU the server needs (bench/serving.py --client go; docs/benchmarks.md §13 and §15).
 //
 // Each connection sends batch-1 Open Inference Protocol requests with binary tensors over one keep-alive
 // TCP connection (TCP_NODELAY, Go's default), one request at a time, cycling through the variants from
 // its own offset, and checks the first output of every answer against eager PyTorch's, within the
-// tolerance bench.coldstart.matches uses. Standard library only.
+// tolerance bench.coldstart.matches uses. HTTP with the standard library; gRPC (protocol "grpc") with
+// grpc-go, in grpc.go.
 //
 //	kiln-loadgen < spec.json > result.json
 package main
@@ -33,9 +34,10 @@ type Variant struct {
 }
 
 type Spec struct {
-	Address     string    `json:"address"` // host:port
-	Method      string    `json:"method"`  // POST when empty
-	Path        string    `json:"path"`
+	Address     string    `json:"address"`  // host:port
+	Protocol    string    `json:"protocol"` // "http" when empty, or "grpc"
+	Method      string    `json:"method"`   // POST when empty
+	Path        string    `json:"path"`     // the route, or the gRPC method's full name
 	Concurrency int       `json:"concurrency"`
 	Seconds     float64   `json:"seconds"`
 	Variants    []Variant `json:"variants"`
@@ -165,6 +167,63 @@ func matches(got, expected []float64) bool {
 	return worst <= 1e-3+2e-2*scale
 }
 
+// A sender makes variant i's call and returns how to read the answer's first output; i < 0 closes it.
+type sender func(i int) (func() ([]float64, error), error)
+
+// httpSender: one keep-alive connection, opened again after an error.
+func httpSender(spec *Spec, raws [][]byte) sender {
+	var conn net.Conn
+	var r *bufio.Reader
+	return func(i int) (func() ([]float64, error), error) {
+		if i < 0 || conn == nil {
+			if i < 0 {
+				if conn != nil {
+					conn.Close()
+				}
+				return nil, nil
+			}
+			var err error
+			if conn, err = net.Dial("tcp", spec.Address); err != nil {
+				time.Sleep(10 * time.Millisecond)
+				return nil, err
+			}
+			r = bufio.NewReaderSize(conn, 1<<16)
+		}
+		status, body, split, err := roundTrip(conn, r, raws[i])
+		if err != nil || status != 200 {
+			if err == nil {
+				err = fmt.Errorf("HTTP %d: %.200s", status, body)
+			}
+			conn.Close()
+			conn = nil
+			return nil, err
+		}
+		return func() ([]float64, error) { return firstOutput(body, split) }, nil
+	}
+}
+
+// grpcSender: one channel of its own, which reconnects by itself.
+func grpcSender(spec *Spec) sender {
+	g, dialErr := dialGrpc(spec)
+	return func(i int) (func() ([]float64, error), error) {
+		if dialErr != nil {
+			if i >= 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+			return nil, dialErr
+		}
+		if i < 0 {
+			g.conn.Close()
+			return nil, nil
+		}
+		reply, err := g.infer(spec.Variants[i].Body)
+		if err != nil {
+			return nil, err
+		}
+		return func() ([]float64, error) { return grpcFirstOutput(reply) }, nil
+	}
+}
+
 func main() {
 	var spec Spec
 	if err := json.NewDecoder(os.Stdin).Decode(&spec); err != nil {
@@ -195,41 +254,27 @@ func main() {
 					firstErr = err.Error()
 				}
 			}
-			var conn net.Conn
-			var r *bufio.Reader
+			send := httpSender(&spec, raws)
+			if spec.Protocol == "grpc" {
+				send = grpcSender(&spec)
+			}
 			for k := first; time.Now().Before(deadline); k++ {
-				if conn == nil {
-					var err error
-					if conn, err = net.Dial("tcp", spec.Address); err != nil {
-						fail(err)
-						time.Sleep(10 * time.Millisecond)
-						continue
-					}
-					r = bufio.NewReaderSize(conn, 1<<16)
-				}
 				i := k % len(raws)
 				t := time.Now()
-				status, body, split, err := roundTrip(conn, r, raws[i])
-				if err != nil || status != 200 {
-					if err == nil {
-						err = fmt.Errorf("HTTP %d: %.200s", status, body)
-					}
+				got, err := send(i)
+				if err != nil {
 					fail(err)
-					conn.Close()
-					conn = nil
 					continue
 				}
 				mine = append(mine, time.Since(t))
 				if expected := spec.Variants[i].Expected; expected != nil {
-					got, err := firstOutput(body, split)
-					if err != nil || !matches(got, expected) {
+					first, err := got()
+					if err != nil || !matches(first, expected) {
 						wrong++ // batching must never hand a request another's answer
 					}
 				}
 			}
-			if conn != nil {
-				conn.Close()
-			}
+			send(-1)
 			mu.Lock()
 			latencies = append(latencies, mine...)
 			res.Errors += errors

@@ -28,6 +28,22 @@ SIGNATURE = Signature(
 )
 
 
+def numpy_plane(calls: list[int]) -> DataPlane:
+    """A ready DataPlane of SIGNATURE around a numpy model (each call's rows appended to `calls`), its batcher
+    started: call it in the event loop that will stop it."""
+
+    def model(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        calls.append(inputs[0].shape[0])
+        return [inputs[0] * 2, inputs[0].sum(axis=1)]
+
+    plane = DataPlane("m", BatchSettings(8, 1.0, 16), Metrics())
+    plane.info = ModelInfo(signature=SIGNATURE, rows=8, batch_dim=0, loader=Loader.lean, torch_imported=False)
+    plane.batcher = Batcher(model, 8, 0.001, 16)
+    plane.batcher.start()
+    plane.ready = True
+    return plane
+
+
 def binary_request(x: np.ndarray, **extra: object) -> tuple[bytes, str]:
     header = json.dumps(
         {
@@ -55,16 +71,8 @@ def outputs_of(payload: bytes, header_len: str) -> tuple[Any, list[np.ndarray]]:
 def test_a_repeated_binary_header_is_planned_once_and_each_answer_is_its_own_requests() -> None:
     calls: list[int] = []
 
-    def model(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        calls.append(inputs[0].shape[0])
-        return [inputs[0] * 2, inputs[0].sum(axis=1)]
-
     async def main() -> None:
-        plane = DataPlane("m", BatchSettings(8, 1.0, 16), Metrics())
-        plane.info = ModelInfo(signature=SIGNATURE, rows=8, batch_dim=0, loader=Loader.lean, torch_imported=False)
-        plane.batcher = Batcher(model, 8, 0.001, 16)
-        plane.batcher.start()
-        plane.ready = True
+        plane = numpy_plane(calls)
         answer = InferAnswer(plane, 1 << 20, plane.metrics)
         rng = np.random.default_rng(0)
         for rows in (2, 2, 2, 5):
