@@ -318,6 +318,7 @@ def main() -> int:
     p.add_argument(
         "--intakes", default="0,-1", help="--intake-processes values to compare (0: one process; -1: kiln's default)"
     )
+    p.add_argument("--batching", default="off,on", help="dynamic batching off, on, or both (off first)")
     p.add_argument("--protocols", default="http", help="http, grpc or both (the same server answers both)")
     p.add_argument(
         "--server-args",
@@ -348,7 +349,7 @@ def main() -> int:
     runs = [
         (loader, intakes, batching, extra)
         for loader, intakes, batching in itertools.product(
-            a.loaders.split(","), [int(n) for n in a.intakes.split(",")], (False, True)
+            a.loaders.split(","), [int(n) for n in a.intakes.split(",")], [b == "on" for b in a.batching.split(",")]
         )
         for extra in (server_args if batching else [""])
     ]
