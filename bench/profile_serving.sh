@@ -3,6 +3,8 @@
 # installed the wheels and compiled resnet50). Prints the CPU cores each part used (model
 # process, intake processes, load generator) and where the model process and one intake spend time.
 #   MODELS=resnet50 MODES=aot SKIP_SERVING=1 bash bench/gpu.sh && CONCURRENCY=64 bash bench/profile_serving.sh
+# PROTOCOL=grpc loads the gRPC port instead (with kiln-loadgen: KILN_LOADGEN, as bench/gpu.sh sets it), and the
+# intake's profile then has native frames (grpc's C core): py-spy pauses it to sample, so its rate drops.
 set -euo pipefail
 pkg=/tmp/kp; out=${OUT:-/tmp/out}
 export PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1
@@ -10,23 +12,31 @@ export LD_PRELOAD=$(readlink -f "$(g++ -print-file-name=libstdc++.so.6)")  # see
 cd $pkg
 art=$(ls -d /var/tmp/kiln-bench/cache-resnet50/*/ | head -n 1)
 python3 -P -m kiln.runtime.serve --artifact "$art" --model-name resnet50 --device cuda --host 127.0.0.1 --port 18555 \
-  --max-batch-size 64 --max-delay-ms 1 --intake-processes "${INTAKES:--1}" > "$out/serve-profile.log" 2>&1 &
+  --max-batch-size 64 --max-delay-ms 1 --intake-processes "${INTAKES:--1}" --grpc-port 18556 > "$out/serve-profile.log" 2>&1 &
 server=$!
 for _ in $(seq 300); do curl -sf 127.0.0.1:18555/v2/health/ready >/dev/null && break; sleep 0.2; done
 CONCURRENCY=${CONCURRENCY:-64} python3 - <<'PY' &
 import os
 from bench import models
-from bench.client import encode
-from bench.serving import load
-body, headers = encode(models.names("resnet50"), [t.numpy() for t in models.inputs("resnet50", 1)])
-print(load(18555, "resnet50", body, headers, int(os.environ["CONCURRENCY"]), 14))
+from bench.client import GRPC_INFER, encode, go_load
+from bench.serving import answers, load
+c = int(os.environ["CONCURRENCY"])
+if os.environ.get("PROTOCOL") == "grpc":
+    print(go_load(18556, GRPC_INFER, answers("resnet50", "cuda", 8, grpc=True), c, 20, protocol="grpc"))
+else:
+    body, headers = encode(models.names("resnet50"), [t.numpy() for t in models.inputs("resnet50", 1)])
+    print(load(18555, "resnet50", body, headers, c, 20))
 PY
 load=$!
-sleep 3
+sleep 8  # the load generator's imports (and, for gRPC, eager answers to check against)
 intake=$(cat /proc/$server/task/$server/children | awk '{print $1}')
-spy() { /tmp/site/bin/py-spy record -p "$1" -d 8 -r 200 -f raw -t --idle --nonblocking -o "$2" > "$2.log" 2>&1; }
+spy() {  # pid, output, extra py-spy arguments (--native: it samples with the process paused)
+  local mode=--nonblocking; [ -n "${3:-}" ] && mode=$3
+  /tmp/site/bin/py-spy record -p "$1" -d 8 -r 200 -f raw -t --idle $mode -o "$2" > "$2.log" 2>&1
+}
 spy $server "$out/profile.txt" &
-[ -n "$intake" ] && spy "$intake" "$out/profile-intake.txt" &
+native=; [ "${PROTOCOL:-http}" = grpc ] && native=--native
+[ -n "$intake" ] && spy "$intake" "$out/profile-intake.txt" $native &
 python3 - $server $load <<'PY'
 import os, sys, time
 def tree(pid):
