@@ -153,7 +153,7 @@ class Batcher:
         pending = _Pending(inputs, rows, asyncio.get_running_loop().create_future(), group)
         if self._quick():
             if len(self._turn) >= self._queue.maxsize:  # the turn is a queue too: as bounded
-                raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly")
+                raise self._full()
             self._turn.append(pending)
             if len(self._turn) == 1:  # the first request of this turn calls the model for all of it
                 try:
@@ -171,7 +171,10 @@ class Batcher:
                 raise queue.Full
             self._queue.put_nowait(pending)
         except queue.Full:
-            raise Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
+            raise self._full() from None
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"request queue is full ({self._queue.maxsize} waiting); retry shortly")
 
     def _quick(self) -> bool:
         """Run in the event loop: a model whose last call was quick, and nothing queued for the model thread."""

@@ -288,16 +288,19 @@ class DataPlane:
             )
         seen.setdefault(name, (size, tensor))
 
+    def not_ready(self) -> NotReady:
+        return NotReady(f"model {self.name!r} is not ready")
+
     async def call(self, tensors: list[np.ndarray], rows: int, answer: Callable[[list[np.ndarray]], T]) -> T:
         """`answer` made of the model's outputs for checked tensors, while those outputs are valid."""
         if not self.ready:
-            raise NotReady(f"model {self.name!r} is not ready")
+            raise self.not_ready()
         return answer(await self.run(tensors, rows))
 
     async def run(self, tensors: list[np.ndarray], rows: int) -> list[np.ndarray]:
         """Checked tensors through the batcher and the model (in the model's process)."""
         if self.batcher is None:
-            raise NotReady(f"model {self.name!r} is not ready")
+            raise self.not_ready()
         self.active += 1
         try:
             return await self.batcher.submit(tensors, rows)

@@ -147,7 +147,7 @@ class IntakePlane(DataPlane):
     async def call(self, tensors: list[np.ndarray], rows: int, answer: Callable[[list[np.ndarray]], T]) -> T:
         """`answer` made of the model process's outputs, read where they lie in its arena."""
         if not self.ready:
-            raise NotReady(f"model {self.name!r} is not ready")
+            raise self.not_ready()
         inflight = self.metrics.intake_inflight.labels(self.name)
         inflight.inc()
         try:
