@@ -63,7 +63,7 @@ class BodyBuffer:
             self.arena.free(self.block)
             self.block = None
 
-    def write(self, piece: bytes) -> None:
+    def write(self, piece: bytes | memoryview) -> None:
         end = min(self.filled + len(piece), self.length)  # the parser never passes more than Content-Length
         self.view[self.filled : end] = piece[: end - self.filled]
         self.filled = end

@@ -10,37 +10,50 @@ tensors are read where they lie, and its checked plan is kept by the rest of its
 (kiln.runtime.grpc_wire, kiln.runtime.plans), as an HTTP request's is by its JSON header. A domain
 error becomes the gRPC status that means the same (a bad shape is INVALID_ARGUMENT naming the
 expected one, a full queue UNAVAILABLE), counted in the same metrics with the status name as its
-label. Every intake process serves the port (gRPC listens with SO_REUSEPORT, so the kernel spreads
-connections over them).
+label. HTTP/2 is Kiln's own (kiln.runtime.grpc_transport, on the process's event loop, no grpcio), and
+every intake process serves the port (it listens with SO_REUSEPORT, so the kernel spreads connections
+over them).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import grpc
 from google.protobuf.message import DecodeError, Message
 
 from kiln import __version__
 from kiln.runtime import oip_v2_pb2 as pb
 from kiln.runtime.dataplane import DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, ModelFailed, ModelNotFound, NotReady, Overloaded
+from kiln.runtime.grpc_transport import (
+    CODE_NAMES,
+    INTERNAL,
+    INVALID_ARGUMENT,
+    NOT_FOUND,
+    OK,
+    UNAVAILABLE,
+    GrpcError,
+    GrpcServer,
+    Method,
+)
 from kiln.runtime.grpc_wire import plan_key, raw_output, split_request
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.plans import Plan, Plans
 from kiln.runtime.protocol import InferenceRequest, InferenceResponse, RequestInput, RequestOutput
+from kiln.runtime.shm import Arena
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 SERVICE = "inference.GRPCInferenceService"
-CODES: dict[type[KilnError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    Overloaded: grpc.StatusCode.UNAVAILABLE,
+CODES: dict[type[KilnError], int] = {
+    InvalidInput: INVALID_ARGUMENT,
+    ModelNotFound: NOT_FOUND,
+    NotReady: UNAVAILABLE,
+    Overloaded: UNAVAILABLE,
 }
 # Typed contents by datatype: where an input's values are when they are not raw bytes.
 CONTENTS = {
@@ -103,34 +116,53 @@ def response_header(result: InferenceResponse) -> bytes:
     return header
 
 
+def status_of(exc: KilnError) -> GrpcError:
+    """The gRPC status that means what a domain error does (a bad shape: INVALID_ARGUMENT naming the expected one)."""
+    return GrpcError(next((c for t, c in CODES.items() if isinstance(exc, t)), INTERNAL), str(exc))
+
+
+def unary(kind: type[M], method: Callable[[M], Message]) -> Method:
+    """A method whose request and answer are small protobuf messages: parsed and serialized here."""
+
+    async def call(body: memoryview) -> list[bytes]:
+        try:
+            request = kind.FromString(bytes(body))
+        except DecodeError as exc:
+            raise GrpcError(INVALID_ARGUMENT, f"the request is not a valid {kind.__name__}: {exc}") from exc
+        try:
+            return [method(request).SerializeToString()]
+        except KilnError as exc:
+            raise status_of(exc) from exc
+
+    return Method(call)
+
+
 class InferenceService:
     """The six methods, over a dataplane (the model's own, or an intake's that forwards to it)."""
 
     def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
         self.plane, self.metrics = plane, metrics
         self.plans = Plans()
-        self.codes: dict[grpc.StatusCode, Any] = {}  # prometheus label children, resolved once per code
+        self.starts: dict[int, int] = {}  # message size -> where its first raw input started last time
+        self.codes: dict[int, Any] = {}  # prometheus label children, resolved once per code
         self.inflight, self.latency = metrics.inflight.labels(plane.name), metrics.latency.labels(plane.name)
 
-    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    def server_ready(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.plane.reports_ready)
 
-    async def model_ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Message:
-        await self.named(request.name, context)
+    def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        self.plane.check_name(request.name)
         return pb.ModelReadyResponse(ready=self.plane.reports_ready)
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="kiln", version=__version__, extensions=[])
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Message:
-        await self.named(request.name, context)
-        try:
-            meta = self.plane.metadata()
-        except KilnError as exc:
-            await self.abort(context, exc)
+    def model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        self.plane.check_name(request.name)
+        meta = self.plane.metadata()
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta.name,
@@ -140,35 +172,38 @@ class InferenceService:
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
         )
 
-    async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def model_infer(self, data: memoryview) -> list[bytes]:
         """A serialized ModelInferRequest in, a serialized ModelInferResponse out (kiln.runtime.grpc_wire)."""
         start = time.perf_counter()
         self.inflight.inc()
-        code = grpc.StatusCode.OK
+        code = OK
         try:
             plan = self.plan(data)
             header, chunks = await self.plane.call(
-                plan.tensors(memoryview(data)),
+                plan.tensors(data),
                 plan.rows,
                 lambda outputs: plan.answer(outputs, self.plane.encode, response_header),
             )
         except KilnError as exc:
-            code = self.code(exc)
-            await self.abort(context, exc)
+            error = status_of(exc)
+            code = error.code
+            raise error from exc
         except Exception as exc:  # the model raised: INTERNAL naming it, counted, and the server keeps serving
             log.exception("model %s failed on a request", self.plane.name)
-            code = grpc.StatusCode.INTERNAL
-            await self.abort(context, ModelFailed.of(self.plane.name, exc))
+            code = INTERNAL
+            raise GrpcError(INTERNAL, str(ModelFailed.of(self.plane.name, exc))) from exc
         finally:
             self.inflight.dec()
             self._count(code).inc()
             self.latency.observe(time.perf_counter() - start)
-        return header + b"".join(raw_output(chunk) for chunk in chunks)
+        return [header, *(raw_output(chunk) for chunk in chunks)]
 
-    def plan(self, data: bytes) -> Plan:
+    def plan(self, data: memoryview) -> Plan:
         """The request's plan: kept from an earlier request with the same fields and raw inputs where this one's
         lie, or made (and kept) now."""
         rest, raws = split_request(data)
+        if raws:
+            self.starts[len(data)] = raws[0][0]
         key = plan_key(rest, raws)
         if (plan := self.plans.get(key, len(data))) is not None:
             return plan
@@ -183,57 +218,36 @@ class InferenceService:
         self.plans.keep(key, plan)
         return plan
 
-    def _count(self, code: grpc.StatusCode) -> Any:
+    def aligned_at(self, size: int) -> int:
+        """Where a request of this size had its first raw input last time: its tensors can then be used in place."""
+        return self.starts.get(size, 0)
+
+    def _count(self, code: int) -> Any:
         if code not in self.codes:
-            self.codes[code] = self.metrics.requests.labels(self.plane.name, f"grpc-{code.name}")
+            self.codes[code] = self.metrics.requests.labels(self.plane.name, f"grpc-{CODE_NAMES.get(code, code)}")
         return self.codes[code]
 
-    async def named(self, name: str, context: grpc.aio.ServicerContext) -> None:
-        try:
-            self.plane.check_name(name)
-        except KilnError as exc:
-            await self.abort(context, exc)
-
-    @staticmethod
-    def code(exc: KilnError) -> grpc.StatusCode:
-        return next((c for t, c in CODES.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
-
-    async def abort(self, context: grpc.aio.ServicerContext, exc: KilnError) -> None:
-        await context.abort(self.code(exc), str(exc))
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        methods: dict[str, tuple[Callable[..., Awaitable[Message]], type[Message]]] = {
-            "ServerLive": (self.server_live, pb.ServerLiveRequest),
-            "ServerReady": (self.server_ready, pb.ServerReadyRequest),
-            "ModelReady": (self.model_ready, pb.ModelReadyRequest),
-            "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
-            "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
+    def methods(self) -> dict[str, Method]:
+        calls: dict[str, tuple[type[Any], Callable[[Any], Message]]] = {
+            "ServerLive": (pb.ServerLiveRequest, self.server_live),
+            "ServerReady": (pb.ServerReadyRequest, self.server_ready),
+            "ModelReady": (pb.ModelReadyRequest, self.model_ready),
+            "ServerMetadata": (pb.ServerMetadataRequest, self.server_metadata),
+            "ModelMetadata": (pb.ModelMetadataRequest, self.model_metadata),
         }
-        handlers = {
-            name: grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=kind.FromString, response_serializer=lambda m: m.SerializeToString()
-            )
-            for name, (fn, kind) in methods.items()
-        }
+        methods = {f"/{SERVICE}/{name}": unary(kind, fn) for name, (kind, fn) in calls.items()}
         # ModelInfer takes and gives bytes: kiln.runtime.grpc_wire finds the tensors in them without a parse
-        handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+        methods[f"/{SERVICE}/ModelInfer"] = Method(self.model_infer, self.aligned_at)
+        return methods
 
 
-async def start(plane: DataPlane, metrics: Metrics, host: str, port: int, max_bytes: int) -> grpc.aio.Server:
+async def start(
+    plane: DataPlane, metrics: Metrics, host: str, port: int, max_bytes: int, arena: Arena | None = None
+) -> GrpcServer:
     """A gRPC server of the six methods on host:port, started (it shares the port with the other intakes).
-    Messages are bounded as HTTP bodies are (--max-body-bytes): a larger one is RESOURCE_EXHAUSTED."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
-    server.add_generic_rpc_handlers((InferenceService(plane, metrics).handler(),))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen for gRPC on {address}")
-    await server.start()
-    log.info("gRPC (Open Inference Protocol v2) on %s", address)
+    Messages are bounded as HTTP bodies are (--max-body-bytes): a larger one is RESOURCE_EXHAUSTED. In an
+    intake process request messages are read into `arena`, where the model process reads their tensors."""
+    server = GrpcServer(InferenceService(plane, metrics).methods(), max_bytes, arena)
+    await server.listen(host, port)
+    log.info("gRPC (Open Inference Protocol v2) on %s:%d", host, port)
     return server

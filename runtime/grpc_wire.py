@@ -22,7 +22,7 @@ VARINT, I64, LEN, I32 = 0, 1, 2, 5  # wire types (3 and 4, groups, are not in th
 FIXED = {I64: 8, I32: 4}
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -44,10 +44,10 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def split_request(data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+def split_request(data: bytes | memoryview) -> tuple[bytes, list[tuple[int, int]]]:
     """The request without its raw_input_contents (a ModelInferRequest of its own), and each raw input's
     (start, end) in `data`, in order."""
-    rest: list[bytes] = []
+    rest: list[bytes | memoryview] = []
     raws: list[tuple[int, int]] = []
     pos = 0
     while pos < len(data):

@@ -246,7 +246,7 @@ class HttpServer:
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
         self.adopting: set[asyncio.Task[Any]] = set()  # connections handed over, being set up
-        self.grpc: Any = None  # grpc.aio.Server when --grpc-port is set
+        self.grpc: Any = None  # kiln.runtime.grpc_transport.GrpcServer when --grpc-port is set
         self.asgi = FastFront(
             InferAnswer(plane, settings.max_body_bytes, metrics),
             self.api,
@@ -257,11 +257,12 @@ class HttpServer:
     async def starting(self, startup: Callable[[HttpServer], Coroutine[Any, Any, None]]) -> None:
         """The lifespan's start: the gRPC port (it answers not-ready until the model is), then `startup`."""
         if self.settings.grpc_port:
-            from kiln.runtime import grpc_service  # grpcio: only where gRPC is served
+            from kiln.runtime import grpc_service  # protobuf: only where gRPC is served
 
             try:
+                settings = self.settings
                 self.grpc = await grpc_service.start(
-                    self.plane, self.metrics, self.settings.host, self.settings.grpc_port, self.settings.max_body_bytes
+                    self.plane, self.metrics, settings.host, settings.grpc_port, settings.max_body_bytes, self.arena
                 )
             except OSError as exc:
                 self.failure = f"GrpcPortUnavailable: {exc}"

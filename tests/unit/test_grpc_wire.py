@@ -13,6 +13,7 @@ import pytest
 from kiln.runtime import oip_v2_pb2 as pb
 from kiln.runtime.errors import InvalidInput
 from kiln.runtime.grpc_service import InferenceService
+from kiln.runtime.grpc_transport import INVALID_ARGUMENT, NOT_FOUND, GrpcError
 from kiln.runtime.grpc_wire import plan_key, raw_output, split_request
 from tests.unit.test_plans import numpy_plane
 
@@ -57,11 +58,9 @@ def test_an_answer_is_its_header_then_one_raw_output_field_per_output() -> None:
     assert reply.id == "r-1" and list(reply.raw_output_contents) == chunks
 
 
-class Context:
-    """What model_infer needs of grpc's context: abort, which raises."""
-
-    async def abort(self, code: object, details: str) -> None:
-        raise RuntimeError(f"{code}: {details}")
+async def call(service: InferenceService, message: bytes) -> pb.ModelInferResponse:
+    """ModelInfer as the transport calls it: a view of the message in, the answer's pieces out."""
+    return pb.ModelInferResponse.FromString(b"".join(await service.model_infer(memoryview(message))))
 
 
 def test_model_infer_plans_a_repeated_request_once_and_each_answer_is_its_own_requests() -> None:
@@ -73,9 +72,7 @@ def test_model_infer_plans_a_repeated_request_once_and_each_answer_is_its_own_re
         rng = np.random.default_rng(0)
         for rows in (2, 2, 2, 5):
             x = rng.standard_normal((rows, 3)).astype(np.float32)
-            reply = pb.ModelInferResponse.FromString(
-                await service.model_infer(request(x).SerializeToString(), Context())
-            )
+            reply = await call(service, request(x).SerializeToString())
             assert [list(o.shape) for o in reply.outputs] == [[rows, 3], [rows]]
             twice, total = (np.frombuffer(raw, "<f4") for raw in reply.raw_output_contents)
             assert np.array_equal(twice.reshape(rows, 3), x * 2) and np.allclose(total, x.sum(axis=1))
@@ -90,7 +87,7 @@ def test_model_infer_plans_a_repeated_request_once_and_each_answer_is_its_own_re
                 )
             ],
         )
-        reply = pb.ModelInferResponse.FromString(await service.model_infer(typed.SerializeToString(), Context()))
+        reply = await call(service, typed.SerializeToString())
         assert np.frombuffer(reply.raw_output_contents[1], "<f4").tolist() == [6.0]
         assert len(service.plans.by_header) == 2
 
@@ -100,11 +97,13 @@ def test_model_infer_plans_a_repeated_request_once_and_each_answer_is_its_own_re
             (request(np.zeros((1, 3), np.float32), model_name="other"), "other"),
         ):
             for _ in range(2):
-                with pytest.raises(RuntimeError, match=says.replace("[", "\\[")):
-                    await service.model_infer(bad.SerializeToString(), Context())
+                with pytest.raises(GrpcError, match=says.replace("[", "\\[")) as refused:
+                    await call(service, bad.SerializeToString())
+                assert refused.value.code in (INVALID_ARGUMENT, NOT_FOUND)
         assert len(service.plans.by_header) == 2
-        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: the request is not a valid ModelInferRequest"):
-            await service.model_infer(request(np.zeros((1, 3), np.float32)).SerializeToString()[:-1], Context())
+        with pytest.raises(GrpcError, match="the request is not a valid ModelInferRequest") as malformed:
+            await call(service, request(np.zeros((1, 3), np.float32)).SerializeToString()[:-1])
+        assert malformed.value.code == INVALID_ARGUMENT
         await plane.batcher.stop()
 
     asyncio.run(main())
