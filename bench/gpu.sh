@@ -22,7 +22,7 @@ if [ -n "${SEQLEN:-}" ]; then  # BERT-base, mixed sequence lengths: dynamic vs f
   python3 -m bench.seqlen --device cuda --concurrency "${SEQLEN_C:-1,16,64}" --batch-max 64 --seconds "${SECONDS_EACH:-10}" --out "$out/seqlen-cuda.json" 2>&1 | tee "$out/seqlen.log"
   exit 0
 fi
-python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
+python3 -m bench.coldstart --batch-max "${BATCH_MAX:-32}" --models "${MODELS:-mlp,resnet50,bert}" --modes "${MODES:-eager,jit-cold,jit-warm,aot-package,aot-runner,aot}" --rounds "${ROUNDS:-1}" --device cuda --out "$out/coldstart-cuda.json" 2>&1 | tee "$out/coldstart.log"
 artifact() { python3 -c "import json; print(json.load(open('$out/coldstart-cuda.json'))['results']['$1']['compile']['path'])"; }
 for probe in ${PROBES:-}; do  # e.g. PROBES="first_calls graph_probe", for each of PROBE_MODELS
   for serve in $(echo "${PROBE_MODELS:-resnet50}" | tr , ' '); do

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import os
@@ -223,15 +224,20 @@ class IntakePool:
         intake: Intake, requests: Arena, writer: frames.FrameWriter, plane: DataPlane, ready: asyncio.Event
     ) -> bool:
         """Once the model is ready: tell the intake, then page-lock the first PINNED_BYTES of its request
-        arena in a thread while requests flow (copies from it are staged by the driver until then, DMA
-        after; 32 MB take the driver ~20 ms). True: page-locked."""
+        arena while requests flow (copies from it are staged by the driver until then, DMA after; 32 MB
+        take the driver ~20 ms). True: page-locked."""
         await ready.wait()
         assert plane.info is not None
         writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
         pipeline = plane.model.pipeline if plane.model is not None else None
         if pipeline is None:
             return False
-        pinned = await asyncio.to_thread(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
+        pin = functools.partial(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
+        # In the model thread between requests: four at once beside the first requests' copies delayed
+        # the first answer by ~0.07 s (docs/benchmarks.md §17).
+        pinned = bool(
+            await asyncio.wrap_future(plane.batcher.when_idle(pin)) if plane.batcher else await asyncio.to_thread(pin)
+        )
         log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
         return pinned
 

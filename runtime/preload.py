@@ -74,11 +74,11 @@ def torch_version() -> str:
     return found.group(1)
 
 
-def _dlopen_global(path: Path) -> None:
+def _dlopen_global(path: Path, binding: int = os.RTLD_NOW) -> None:
     """dlopen with global symbols, the GIL released (ctypes.CDLL itself holds it for the whole load)."""
     libc = ctypes.CDLL(None)
     libc.dlopen.restype, libc.dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
-    if not libc.dlopen(str(path).encode(), os.RTLD_NOW | os.RTLD_GLOBAL):
+    if not libc.dlopen(str(path).encode(), binding | os.RTLD_GLOBAL):
         libc.dlerror.restype = ctypes.c_char_p
         raise LeanUnavailable(f"cannot load {path.name}: {(libc.dlerror() or b'').decode()}")
 
@@ -107,13 +107,18 @@ def mapped_libraries() -> list[str]:
         return sorted({line.split()[-1] for line in maps if ".so" in line})
 
 
-def load_torch_libraries(device: str, threads: int) -> None:
-    """dlopen torch's libraries with global symbols, as compiled libraries expect to find them."""
+def load_torch_libraries(device: str, threads: int, binding: int = os.RTLD_LAZY) -> None:
+    """dlopen torch's libraries with global symbols, as compiled libraries expect to find them.
+
+    Lazily bound: their calls to each other resolve at first use (what a C++ program linked against
+    libtorch gets), 25-30 ms less of the loader lock than binding all at once (bench/ready_path.py,
+    this CPU and the H200). The compiled library is still opened with RTLD_NOW: a shim function this
+    torch lacks fails its load, and the replica falls back to torch's runner, not a request."""
     if threads:  # read by OpenMP when libtorch_cpu brings it in: the pod's CPU limit, not the node's cores
         os.environ["OMP_NUM_THREADS"] = str(threads)
     lib = torch_dir() / "lib"
     for name in (*CPU_LIBS, *(CUDA_LIBS if device == "cuda" else ()), *LAST_LIBS):
-        _dlopen_global(lib / name)
+        _dlopen_global(lib / name, binding)
     mark("torch libraries loaded")
     if device == "cuda":
         _cuda_context(cudart_path())  # made already where the preload found torch's bundled runtime
