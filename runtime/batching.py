@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -73,7 +72,6 @@ class _Pending:
 
 
 _STOP = object()
-_WAKE = object()  # a job for the model thread's idle time was queued (Batcher.when_idle)
 # Batches a GPU holds at once (two model instances): a third cannot start before the first is done,
 # so past the delay it keeps gathering, checking every POLL_S.
 GPU_DEPTH, POLL_S = 2, 0.0005
@@ -132,8 +130,6 @@ class Batcher:
         # One batch waits for the answering thread at most: launched work stays bounded.
         self._launched: queue.Queue[tuple[list[_Pending], Any] | object] = queue.Queue(maxsize=1)
         self._answerer = threading.Thread(target=self._answer_launched, name="kiln-answer", daemon=True)
-        self._jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = collections.deque()
-        self._stopped = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -147,33 +143,6 @@ class Batcher:
             await asyncio.to_thread(self._thread.join)
         if self._answerer.is_alive():
             await asyncio.to_thread(self._answerer.join)
-
-    def when_idle(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        """Run `job` in the model thread once no request is queued, never beside a model call, before
-        further idle work (page-locking an intake's arena: done beside the first requests, it delayed
-        their answers). Cancelled if the batcher stops first."""
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.append((job, done))
-        if self._stopped:
-            self._cancel_jobs()
-        with contextlib.suppress(queue.Full):  # full: the thread is busy, and looks at the jobs before it waits
-            self._queue.put_nowait(_WAKE)
-        return done
-
-    def _run_job(self, job: Callable[[], Any], done: concurrent.futures.Future[Any]) -> None:
-        if not done.set_running_or_notify_cancel():
-            return
-        try:
-            with self._calling:
-                result = job()
-        except Exception as exc:
-            done.set_exception(exc)
-        else:
-            done.set_result(result)
-
-    def _cancel_jobs(self) -> None:
-        while self._jobs:
-            self._jobs.popleft()[1].cancel()
 
     @property
     def depth(self) -> int:
@@ -267,23 +236,19 @@ class Batcher:
             return None
 
     def _next_or_idle(self) -> _Pending | object | None:
-        """The next queued request; while none is queued, the jobs of when_idle, then steps of idle
-        work, one at a time."""
-        while True:
-            item = self._next(0) if self._jobs or self._idle is not None else self._next(None)
-            if item is not None and item is not _WAKE:
+        """The next queued request; while none is queued, steps of idle work, one at a time."""
+        while self._idle is not None:
+            if (item := self._next(0)) is not None:
                 return item
-            if self._jobs:
-                self._run_job(*self._jobs.popleft())
-            elif self._idle is not None:
-                try:
-                    with self._calling:
-                        more = self._idle()
-                except Exception:  # a batch of that size will report its own error; keep serving
-                    log.exception("idle work in the model thread failed")
-                    more = False
-                if not more:
-                    self._idle = None
+            try:
+                with self._calling:
+                    more = self._idle()
+            except Exception:  # a batch of that size will report its own error; keep serving
+                log.exception("idle work in the model thread failed")
+                more = False
+            if not more:
+                self._idle = None
+        return self._next(None)
 
     def _gather(self) -> list[_Pending] | None:
         """The next batch: the oldest request, then others of its group that fit before the delay ends;
@@ -315,8 +280,6 @@ class Batcher:
                     break
                 if (item := self._next(remaining)) is None:
                     continue  # the delay is over: look again whether the GPU is still full
-            if item is _WAKE:
-                continue  # its job waits for the next idle moment
             if not isinstance(item, _Pending):
                 self._queue.put(item)  # _STOP: serve this batch (and those held) first
                 break
@@ -348,8 +311,6 @@ class Batcher:
                 if not isinstance(launched, BaseException):
                     self._launches += 1
                 self._launched.put((batch, launched))  # waits while the previous batch is still being answered
-        self._stopped = True
-        self._cancel_jobs()
         self._launched.put(_STOP)
 
     def _answer_launched(self) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import mmap
 import os
@@ -224,20 +223,15 @@ class IntakePool:
         intake: Intake, requests: Arena, writer: frames.FrameWriter, plane: DataPlane, ready: asyncio.Event
     ) -> bool:
         """Once the model is ready: tell the intake, then page-lock the first PINNED_BYTES of its request
-        arena while requests flow (copies from it are staged by the driver until then, DMA after; 32 MB
-        take the driver ~20 ms). True: page-locked."""
+        arena in a thread while requests flow (copies from it are staged by the driver until then, DMA
+        after; 32 MB take the driver ~20 ms). True: page-locked."""
         await ready.wait()
         assert plane.info is not None
         writer.send({"kind": "ready", "info": plane.info.model_dump(mode="json")})
         pipeline = plane.model.pipeline if plane.model is not None else None
         if pipeline is None:
             return False
-        pin = functools.partial(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
-        # In the model thread between requests: four at once beside the first requests' copies delayed
-        # the first answer by ~0.07 s (docs/benchmarks.md §17).
-        pinned = bool(
-            await asyncio.wrap_future(plane.batcher.when_idle(pin)) if plane.batcher else await asyncio.to_thread(pin)
-        )
+        pinned = await asyncio.to_thread(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
         log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
         return pinned
 

@@ -14,10 +14,8 @@ numpy API takes JSON, so Kiln is also measured with JSON bodies for the like-for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ import numpy as np
 
 from bench import models
 from bench.client import Client, decode, encode
-from bench.coldstart import compile_artifact, free_port, serve_command, time_to_answer
+from bench.coldstart import compile_artifact, free_port, kill_tree, serve_command, time_to_answer
 from bench.hardware import describe
 from bench.serving import load
 
@@ -102,8 +100,7 @@ def run_server(
         load(port, "", body, headers, 4, 2.0, path)  # warm-up
         runs = [load(port, "", body, headers, c, seconds, path) for c in CONCURRENCY]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
     for r in runs:
         print(f"[peers] {label} c={r['concurrency']}: {r['rps']:.1f} req/s p50 {r['p50_ms']:.1f} ms", flush=True)

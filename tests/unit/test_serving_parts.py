@@ -5,7 +5,6 @@ CPU model called in the event loop with the requests of one turn of it."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import mmap
 import threading
 import time
@@ -108,43 +107,6 @@ def test_a_batcher_with_a_finishing_thread_answers_each_request_with_its_rows() 
         assert np.array_equal(answer[0], np.full((rows, 3), 2.0 * i))
     assert threads == {"kiln-model", "kiln-answer"}  # a GPU's launch never runs in the event loop
     assert idle and set(idle) == {"kiln-model"}  # the thread that serves warms itself (cuDNN's plans are per thread)
-
-
-def test_jobs_for_idle_time_run_in_the_model_thread_after_queued_requests_never_beside_a_call() -> None:
-    events: list[str] = []
-    calling = threading.Lock()  # held by the model while it runs: a job that ran beside it would find it taken
-    started = threading.Event()
-
-    def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        with calling:
-            started.set()
-            events.append(f"call {inputs[0].shape[0]}")
-            time.sleep(0.05)
-        return [inputs[0]]
-
-    def job() -> str:
-        assert calling.acquire(blocking=False), "a job ran beside a model call"
-        calling.release()
-        events.append("job")
-        return threading.current_thread().name
-
-    async def main() -> tuple[str, concurrent.futures.Future[Any]]:
-        batcher = Batcher(run, 1, 0.0, 16)  # one row per batch: the second request is still queued
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 2))], 1))
-        while not started.is_set():
-            await asyncio.sleep(0.001)
-        second = asyncio.ensure_future(batcher.submit([np.zeros((1, 2))], 1))
-        await asyncio.sleep(0.001)
-        thread = await asyncio.wrap_future(batcher.when_idle(job))
-        await asyncio.gather(first, second)
-        await batcher.stop()
-        return thread, batcher.when_idle(job)
-
-    thread, after_stop = asyncio.run(main())
-    assert thread == "kiln-model"
-    assert events == ["call 1", "call 1", "job"]  # the queued request went first
-    assert after_stop.cancelled()  # a stopped batcher runs nothing more
 
 
 def test_a_quick_cpu_model_is_called_in_the_event_loop_with_the_requests_of_one_turn() -> None:
