@@ -217,9 +217,9 @@ def run_model(
         results[mode] = round(statistics.median(results["runs"][mode]), 2)
         split = ""
         if (logged := logged_ready(log)) is not None:  # kiln-serve: where its own start ends and the answer begins
-            results.setdefault("server_ready", {}).setdefault(mode, []).append(round(logged - spawned, 3))
-            after = seconds - (logged - spawned)
-            split = f" (server ready at {logged - spawned:.2f} s, its first answer {after:.2f} s later)"
+            ready_at = logged - spawned
+            results.setdefault("server_ready", {}).setdefault(mode, []).append(round(ready_at, 3))
+            split = f" (server ready at {ready_at:.2f} s, its first answer {seconds - ready_at:.2f} s later)"
         print(f"[coldstart] {name} {mode}: ready in {seconds:.2f} s{split}", flush=True)
         for line in log.read_text().splitlines():
             if any(word in line for word in LOG_WORDS):

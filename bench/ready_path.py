@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.first_calls import timed
 from bench.hardware import describe
 
 
@@ -49,11 +50,7 @@ def child(mode: str, artifact: Path, device: str, preload: list[str]) -> dict[st
     model = load_lean(artifact, Manifest.read(artifact), device, 1)
     args = zero_arrays(model.signature, {BATCH: 1})
     before = set(pre.mapped_libraries())
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        model.fn(args)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [timed(model.fn, args) for _ in range(3)]
     new = sorted(set(pre.mapped_libraries()) - before)
     return {"preloaded_ms": loaded, "first_ms": times[0], "next_ms": times[1:], "loaded_by_first_call": new}
 
