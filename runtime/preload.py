@@ -128,13 +128,14 @@ def load_torch_libraries(device: str, threads: int, binding: int = os.RTLD_LAZY)
 class Preload:
     """Threads that load what a lean replica needs while the main thread imports the server.
 
-    kiln-preload: GPU 0's context (torch's bundled CUDA runtime), then — once `release()` says the
-    main thread's C extensions are in — torch's libraries, then the lean model of `artifact`,
-    called at each warm-up batch size. glibc lets one thread dlopen at a time and libtorch holds
-    that lock for half a second, so the main thread loads its own extension modules (numpy,
-    pydantic_core, _ssl) first. kiln-sha256: the compiled library's digest (hundreds of MB for
-    BERT), checked before it is opened. `wait()` re-raises what the libraries' load raised;
-    `model_for` what the model's did."""
+    kiln-preload: once `release()` says the main thread's C extensions are in, torch's libraries,
+    then the lean model of `artifact`, called at each warm-up batch size. glibc lets one thread
+    dlopen at a time and libtorch holds that lock for half a second, so the main thread loads its
+    own extension modules (numpy, pydantic_core, _ssl) first. kiln-cuda (GPU): GPU 0's context
+    through torch's bundled CUDA runtime, beside libtorch's load rather than before it (made first,
+    it often ended after the C extensions and held libtorch back: docs/benchmarks.md §18).
+    kiln-sha256: the compiled library's digest (hundreds of MB for BERT), checked before it is
+    opened. `wait()` re-raises what the libraries' load raised; `model_for` what the model's did."""
 
     def __init__(self, device: str, threads: int, artifact: Path, max_batch_size: int) -> None:
         self.device, self.threads, self.artifact, self.max_batch_size = device, threads, artifact, max_batch_size
@@ -147,9 +148,12 @@ class Preload:
         self.digests: dict[Path, str] = {}
         self.thread = threading.Thread(target=self._run, name="kiln-preload", daemon=True)
         self.hasher = threading.Thread(target=self._hash_libraries, name="kiln-sha256", daemon=True)
+        self.context = threading.Thread(target=self._make_context, name="kiln-cuda", daemon=True)
 
     def start(self) -> None:
         self.hasher.start()
+        if self.device == "cuda":
+            self.context.start()
         self.thread.start()
 
     def release(self) -> None:
@@ -168,12 +172,15 @@ class Preload:
                 self.digests[so] = hashlib.sha256(mapped).hexdigest()
         mark("compiled library hashed")
 
+    def _make_context(self) -> None:
+        # Not bundled: made once libtorch_cuda has brought its own (load_torch_libraries).
+        with contextlib.suppress(OSError, LeanUnavailable):
+            if (cudart := bundled_cudart()) is not None:
+                _cuda_context(cudart)
+                mark("CUDA context made")
+
     def _run(self) -> None:
         try:
-            if self.device == "cuda":
-                with contextlib.suppress(OSError):  # not bundled: made once libtorch_cuda brought its own
-                    _cuda_context(bundled_cudart())
-                    mark("CUDA context made")
             self.released.wait()
             load_torch_libraries(self.device, self.threads)
         except BaseException as exc:  # handed to whoever waits
