@@ -52,6 +52,11 @@ _Int64s = ctypes.POINTER(ctypes.c_int64)
 MAX_LAYOUTS = 4096
 # Model instances per container: on a GPU two, so one batch runs while the next is launched.
 MODELS_PER_CONTAINER = {"cpu": 1, "cuda": 2}
+# A CPU call at some input shapes that takes under TRY_ONE_S on all threads is also timed on one, TRIALS
+# calls each way: OpenMP's threads sleep between calls (OMP_WAIT_POLICY=PASSIVE), and waking them cost a
+# tiny model more than they saved (MLP, 2 cores, c=8: 25-30% more requests a second on one thread).
+TRY_ONE_S, TRIALS = 1e-3, 5
+Shapes = tuple[tuple[int, ...], ...]
 
 
 def set_openmp_threads(threads: int) -> None:
@@ -65,6 +70,47 @@ def openmp_threads() -> int:
     """The threads a compiled CPU library's parallel loops use (OpenMP's maximum); 0: unknown."""
     get = getattr(ctypes.CDLL(None), "omp_get_max_threads", None)
     return int(get()) if get is not None else 0
+
+
+class ThreadChoice:
+    """OpenMP threads for each CPU call by its input shapes: all of them, or one where one was faster.
+
+    Set before every call: OpenMP keeps the count per calling thread, and both the event loop's thread
+    and the model thread call the model (kiln.runtime.batching)."""
+
+    def __init__(self, threads: int) -> None:
+        self.all = threads
+        self.set = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+        self.chosen: dict[Shapes, int] = {}
+        self.timed: dict[Shapes, tuple[list[float], list[float]]] = {}  # seconds on all threads, on one
+
+    def pick(self, key: Shapes) -> int:
+        threads = self.chosen.get(key)
+        if threads is None:
+            timed = self.timed.get(key)
+            if timed is None:
+                if self.all <= 1 or self.set is None or len(self.chosen) + len(self.timed) >= MAX_LAYOUTS:
+                    return self.all  # nothing to choose, or too many shapes to time: all, as OpenMP was set
+                timed = self.timed[key] = ([], [])
+            threads = 1 if len(timed[1]) < len(timed[0]) else self.all  # alternated
+        if self.set is not None and self.all > 1:
+            self.set(threads)
+        return threads
+
+    def record(self, key: Shapes, threads: int, seconds: float) -> None:
+        timed = self.timed.get(key)
+        if timed is None:
+            return
+        on_all, on_one = timed
+        (on_one if threads == 1 and self.all > 1 else on_all).append(seconds)
+        if threads == self.all and seconds >= TRY_ONE_S:  # long enough for every thread to earn its wake-up
+            self.chosen[key] = self.all
+        elif len(on_one) >= TRIALS:
+            faster = sorted(on_one)[TRIALS // 2] < sorted(on_all)[len(on_all) // 2]  # medians
+            self.chosen[key] = 1 if faster else self.all
+        else:
+            return
+        del self.timed[key]
 
 
 def _check(code: int, what: str) -> None:
@@ -193,13 +239,16 @@ class Container:
 class LeanCpu:
     """A compiled CPU library called on numpy arrays: inputs used where they lie, results copied out."""
 
-    def __init__(self, so: Path, datatypes: Sequence[str], container: Container | None = None) -> None:
+    def __init__(
+        self, so: Path, datatypes: Sequence[str], container: Container | None = None, threads: int = 0
+    ) -> None:
         self.shim = Shim()
         self.container = container or Container(so, "cpu", MODELS_PER_CONTAINER["cpu"])
         self.datatypes = list(datatypes)
         # The outputs' (shape, strides, datatype) by the inputs' shapes: compiled code derives them from
         # those alone, so after the first call at a shape only each output's address is read.
-        self.layouts: dict[tuple[tuple[int, ...], ...], list[tuple[list[int], list[int], str]]] = {}
+        self.layouts: dict[Shapes, list[tuple[list[int], list[int], str]]] = {}
+        self.threads = ThreadChoice(threads or openmp_threads())
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(a) for a in arrays]  # alive until the run returns
@@ -207,8 +256,11 @@ class LeanCpu:
             self.shim.tensor(a.__array_interface__["data"][0], a.shape, d, self.shim.cpu)
             for a, d in zip(arrays, self.datatypes, strict=True)
         ]
-        outputs = self.container.run(handles)
         key = tuple(a.shape for a in arrays)
+        threads = self.threads.pick(key)
+        start = time.perf_counter()
+        outputs = self.container.run(handles)
+        self.threads.record(key, threads, time.perf_counter() - start)
         try:
             layouts = self.layouts.get(key)
             if layouts is None:

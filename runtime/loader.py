@@ -198,8 +198,11 @@ def load_lean(folder: Path, manifest: Manifest, device: str, threads: int) -> Lo
     datatypes = [s.datatype for s in manifest.signature.inputs]
     so = folder / manifest.runner_so
     container = cast(aoti_shim.Container | None, preload.container_for(so, device))  # opened early, or None
-    lean = aoti_shim.LeanCuda if device == "cuda" else aoti_shim.LeanCpu
-    library: Any = lean(so, datatypes, container)
+    library: Any = (
+        aoti_shim.LeanCuda(so, datatypes, container)
+        if device == "cuda"
+        else aoti_shim.LeanCpu(so, datatypes, container, threads)
+    )
     return LoadedModel(
         library,
         manifest.signature,

@@ -17,6 +17,7 @@ import pytest
 from kiln.api import DynamicBatch
 from kiln.enums import Loader
 from kiln.manifest import DimRange, Signature, TensorSpec
+from kiln.runtime.aoti_shim import TRIALS, TRY_ONE_S, Shapes, ThreadChoice
 from kiln.runtime.batching import Batcher
 from kiln.runtime.bodies import BodyBuffer, infer_model
 from kiln.runtime.bundle import parse_config
@@ -330,3 +331,25 @@ def test_new_connections_go_to_intakes_that_are_up_then_to_the_least_loaded() ->
     assert [i.index for i in handoff_order([starting, busy, idle])] == [2, 1, 0]
     starting.up = True
     assert [i.index for i in handoff_order([starting, busy, idle])] == [0, 2, 1]
+
+
+def test_a_cpu_call_runs_on_one_thread_only_at_shapes_where_one_was_faster() -> None:
+    choice = ThreadChoice(4)
+    set_to: list[int] = []
+    choice.set = set_to.append  # OpenMP's omp_set_num_threads: which count each call ran with
+
+    def calls(key: Shapes, seconds: dict[int, float], n: int) -> list[int]:
+        picked = []
+        for _ in range(n):
+            threads = choice.pick(key)
+            choice.record(key, threads, seconds[threads])
+            picked.append(threads)
+        return picked
+
+    quick, slow_alone, long = ((1, 4),), ((2, 4),), ((64, 4),)
+    # timed alternately, TRIALS calls each way, then the faster kept
+    assert calls(quick, {4: 60e-6, 1: 20e-6}, 2 * TRIALS + 3) == [4, 1] * TRIALS + [1, 1, 1]
+    assert calls(slow_alone, {4: 60e-6, 1: 90e-6}, 2 * TRIALS + 2) == [4, 1] * TRIALS + [4, 4]
+    assert calls(long, {4: 2 * TRY_ONE_S, 1: 0.0}, 3) == [4, 4, 4]  # never tried on one thread
+    assert set_to[-3:] == [4, 4, 4] and set_to[:2] == [4, 1]
+    assert ThreadChoice(1).pick(quick) == 1  # one thread in all: nothing to choose
