@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from kiln.runtime import frames
 
@@ -62,6 +62,14 @@ PINNED_BYTES = 32 << 20
 # the intake's count of connections closed so far, at byte 8.
 CLOSED = struct.Struct("<q")
 CLOSED_AT = 8
+
+
+class Standby(Protocol):
+    """The model process's own HTTP server (kiln.runtime.server.HttpServer on standby)."""
+
+    def adopt(self, sock: socket.socket) -> None: ...
+
+    def close_adopted(self) -> None: ...
 
 
 def intake_count(requested: int, cpus: int) -> int:
@@ -124,6 +132,8 @@ class IntakePool:
         self.intakes: dict[int, Intake] = {}
         self.request_arenas: dict[int, Arena] = {}  # of the intakes being served, by index
         self.draining = False
+        # The model process's own HTTP server, for connections that come while no intake is up (None: hold them).
+        self.standby: Standby | None = None
 
     def start(self) -> None:
         """Spawn the intakes. kiln-serve calls it once its own C extensions are in: five interpreters
@@ -155,6 +165,9 @@ class IntakePool:
             except OSError as exc:  # out of fds, or the listener closed: the next readiness retries
                 log.warning("accepting a connection failed: %s", exc)
                 return
+            if self.standby is not None and not any(intake.up for intake in self.intakes.values()):
+                self.standby.adopt(conn)  # none can take it now (starting, or replacing dead ones): served here
+                continue
             with conn:  # the intake gets its own copy of the descriptor
                 for intake in handoff_order(self.intakes.values()):
                     try:
@@ -209,6 +222,8 @@ class IntakePool:
                     answers.free(block)
             elif frame["kind"] == "up":
                 intake.up = True
+                if self.standby is not None:  # its clients reconnect, to the intakes: close once idle
+                    self.standby.close_adopted()
         writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
         if not ready.is_set():
