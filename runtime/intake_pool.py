@@ -13,7 +13,9 @@ landed (64 connections split 41/12/11/0 over four intakes; docs/benchmarks.md §
 connection now goes to the intake with the fewest open ones. An intake that dies takes its
 connections with it: its clients see a closed connection, its requests still in the model are
 answered into its old arena (never a new intake's), and a replacement starts on a fresh socket pair
-and arenas; connections accepted meanwhile go to the others.
+and arenas; connections accepted meanwhile go to the others. While none is up (at start, or all
+replacing dead ones) the model process serves a connection itself, through its standby HTTP server
+(`standby`), and closes those connections once idle when an intake comes up.
 
 Spawning needs only the standard library: kiln-serve starts the intakes once its own C extensions are
 in, before pydantic's models or libtorch load, so they import in parallel with the model's load.
