@@ -13,9 +13,7 @@ landed (64 connections split 41/12/11/0 over four intakes; docs/benchmarks.md §
 connection now goes to the intake with the fewest open ones. An intake that dies takes its
 connections with it: its clients see a closed connection, its requests still in the model are
 answered into its old arena (never a new intake's), and a replacement starts on a fresh socket pair
-and arenas; connections accepted meanwhile go to the others. While none is up (at start, or all
-replacing dead ones) the model process serves a connection itself, through its standby HTTP server
-(`standby`), and closes those connections once idle when an intake comes up.
+and arenas; connections accepted meanwhile go to the others.
 
 Spawning needs only the standard library: kiln-serve starts the intakes once its own C extensions are
 in, before pydantic's models or libtorch load, so they import in parallel with the model's load.
@@ -38,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 from kiln.runtime import frames
 
@@ -64,14 +62,6 @@ PINNED_BYTES = 32 << 20
 # the intake's count of connections closed so far, at byte 8.
 CLOSED = struct.Struct("<q")
 CLOSED_AT = 8
-
-
-class Standby(Protocol):
-    """The model process's own HTTP server (kiln.runtime.server.HttpServer on standby)."""
-
-    def adopt(self, sock: socket.socket) -> None: ...
-
-    def close_adopted(self) -> None: ...
 
 
 def intake_count(requested: int, cpus: int) -> int:
@@ -134,8 +124,6 @@ class IntakePool:
         self.intakes: dict[int, Intake] = {}
         self.request_arenas: dict[int, Arena] = {}  # of the intakes being served, by index
         self.draining = False
-        # The model process's own HTTP server, for connections that come while no intake is up (None: hold them).
-        self.standby: Standby | None = None
 
     def start(self) -> None:
         """Spawn the intakes. kiln-serve calls it once its own C extensions are in: five interpreters
@@ -167,9 +155,6 @@ class IntakePool:
             except OSError as exc:  # out of fds, or the listener closed: the next readiness retries
                 log.warning("accepting a connection failed: %s", exc)
                 return
-            if self.standby is not None and not any(intake.up for intake in self.intakes.values()):
-                self.standby.adopt(conn)  # none can take it now (starting, or replacing dead ones): served here
-                continue
             with conn:  # the intake gets its own copy of the descriptor
                 for intake in handoff_order(self.intakes.values()):
                     try:
@@ -224,8 +209,6 @@ class IntakePool:
                     answers.free(block)
             elif frame["kind"] == "up":
                 intake.up = True
-                if self.standby is not None:  # its clients reconnect, to the intakes: close once idle
-                    self.standby.close_adopted()
         writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
         if not ready.is_set():

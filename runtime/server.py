@@ -286,16 +286,14 @@ class HttpServer:
         await self.asgi.application()
 
     def adopt(self, sock: socket.socket) -> None:
-        """Serve a connection accepted elsewhere, as uvicorn serves those it accepts itself."""
+        """Serve a connection another process accepted, as uvicorn serves those it accepts itself."""
         server = self.server
-        assert server is not None  # from the lifespan's start on, or `standby()`: uvicorn's config and state exist
+        assert server is not None  # called from the lifespan's start on: uvicorn's config and state exist
         config = server.config
-        lifespan = getattr(server, "lifespan", None)  # made by uvicorn's serve; a server on standby has none
-        app_state = lifespan.state if lifespan is not None else {}
 
         def protocol() -> asyncio.Protocol:
             return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=server.server_state, app_state=app_state
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
             )
 
         loop = asyncio.get_running_loop()
@@ -307,22 +305,9 @@ class HttpServer:
         if self.server is not None:
             self.server.should_exit = True
 
-    def standby(self) -> None:
-        """Able to `adopt` connections without uvicorn's own loop, listener or lifespan: the model process
-        serves the connections that come while no intake process is up yet (kiln.runtime.intake_pool)."""
-        config = self.config()
-        config.load()
-        self.server = DrainingServer(config, self.plane, self.settings.drain_seconds)
-
-    def close_adopted(self) -> None:
-        """Close the connections adopted so far: idle ones now, busy ones once answered (uvicorn's shutdown)."""
-        if self.server is not None:
-            for connection in list(self.server.server_state.connections):
-                connection.shutdown()
-
-    def config(self) -> uvicorn.Config:
+    def run(self, sockets: list[socket.socket] | None = None) -> int:
         settings = self.settings
-        return uvicorn.Config(
+        config = uvicorn.Config(
             self.asgi,
             host=settings.host,
             port=settings.port,
@@ -333,9 +318,7 @@ class HttpServer:
             ws="none",  # no websocket routes: uvicorn would import websockets (~0.1 s at start) for nothing
             proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
         )
-
-    def run(self, sockets: list[socket.socket] | None = None) -> int:
-        self.server = DrainingServer(self.config(), self.plane, self.settings.drain_seconds)
+        self.server = DrainingServer(config, self.plane, settings.drain_seconds)
         self.server.run(sockets=sockets)
         if self.failure:
             print(self.failure, file=sys.stderr)
@@ -350,10 +333,6 @@ async def load_in_process(http: HttpServer) -> None:
         http.stop()
         return
     await http.build_api_later()
-
-
-async def standing_by(http: HttpServer) -> None:
-    """A standby server's lifespan start: never run (it has no lifespan); the model process loads the model."""
 
 
 def new_plane(settings: ServeSettings) -> DataPlane:
@@ -373,11 +352,6 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready = asyncio.Event()
-    # Until an intake is up, connections are served here: the intakes import as much as this process does,
-    # and on slow hosts they came up after the model (docs/benchmarks.md §18).
-    local = HttpServer(settings, plane, metrics, standing_by)
-    local.standby()
-    pool.standby = local
     serving = asyncio.create_task(pool.serve(plane, metrics, ready))
     loading = asyncio.create_task(load_plane(plane, settings))
     await asyncio.wait({loading, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -386,8 +360,6 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
         ready.set()
         await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping: draining %d intake processes", pool.total)
-    pool.standby = None
-    local.close_adopted()
     await pool.drain(settings.drain_seconds + settings.graceful_seconds + 5 if not failure else 5)
     if plane.batcher is not None:
         await plane.batcher.stop()

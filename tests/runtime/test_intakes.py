@@ -163,35 +163,6 @@ def test_a_killed_intake_is_replaced_and_no_client_gets_another_requests_rows(  
     assert "exited with -9; starting another" in server.log.read_text()
 
 
-def test_while_no_intake_is_up_the_model_process_answers_itself(  # type: ignore[no-untyped-def]
-    compiled: dict[str, Artifact], serve
-) -> None:
-    """Intakes import as much as the model process does; on slow hosts they came up after the model was
-    ready and its first answer waited for them (docs/benchmarks.md §18). Here they are stopped mid-import."""
-    server = serve(f"--artifact={compiled['mlp'].folder}", "--model-name=mlp", "--intake-processes=2", wait_ready=False)
-    port = int(server.url.rsplit(":", 1)[1])
-    wait_for(lambda: len(children(server.proc.pid)) == 2, timeout=30)
-    intakes = children(server.proc.pid)
-    for pid in intakes:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        assert "Started server process" not in server.log.read_text()  # stopped before either was up
-        wait_for(lambda: server.client.get("/v2/health/ready").status_code == 200)
-        inputs = models.examples("mlp", 3, seed=11)
-        got = outputs_of(infer_json(server, "mlp", inputs, ["x", "y"]))
-        for g, want in zip(got, models.eager("mlp", *inputs), strict=True):
-            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-3)
-        assert established(server.proc.pid, port) >= 1  # the model process holds the client's connection
-    finally:
-        for pid in intakes:
-            os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: server.log.read_text().count("Started server process") == 2)
-    time.sleep(0.5)  # their `up` frames reach the model process
-    with httpx.Client(base_url=server.url, timeout=30) as fresh:  # a new connection goes to an intake now
-        assert fresh.post("/v2/models/mlp/infer", json=json_body(inputs, ["x", "y"])).status_code == 200
-        assert sum(established(pid, port) for pid in intakes) >= 1
-
-
 def test_sigterm_drains_every_intake_then_exits(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
     server = serve_mlp(compiled, serve, "--drain-seconds=2")
     intakes = children(server.proc.pid)
