@@ -21,14 +21,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.client import Client
 from bench.coldstart import free_port, kill_tree
 from bench.hardware import describe
-from bench.serving import answers, load
+from bench.serving import answers, load, wait_ready
 
 SETTINGS = ["--host=127.0.0.1", "--model-name=mlp", "--device=cpu", "--max-queue=4096", "--max-batch-size=16"]
 
@@ -44,17 +42,12 @@ def start(a: argparse.Namespace, which: str, log: Path) -> tuple[subprocess.Pope
         cmd = [sys.executable, "-P", "-m", "kiln.runtime.serve", *common, f"--artifact={a.artifact}"]
         cmd.append("--intake-processes=0")
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    for _ in range(600):
-        try:
-            client = Client("127.0.0.1", port, timeout=2)
-            client.conn.request("GET", "/v2/health/ready")
-            if client.conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.1)
-    kill_tree(proc.pid)
-    raise TimeoutError(log.read_text()[-2000:])
+    try:
+        wait_ready(port, log)
+    except TimeoutError:
+        kill_tree(proc.pid)
+        raise
+    return proc, port
 
 
 def steal_ticks() -> int:

@@ -223,12 +223,18 @@ def serve(
     )
     env = {**os.environ, "KILN_LOADER": loader}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    wait_ready(port, log)
+    return proc, port
+
+
+def wait_ready(port: int, log: Path) -> None:
+    """Until kiln-serve on `port` answers ready (TimeoutError after 60 s, with the end of its log)."""
     for _ in range(600):
         try:
             c = Client("127.0.0.1", port, timeout=2)
             c.conn.request("GET", "/v2/health/ready")
             if c.conn.getresponse().status == 200:
-                return proc, port
+                return
         except OSError:
             pass
         time.sleep(0.1)

@@ -10,7 +10,9 @@ thread copies the results down: the model thread is already launching the next b
 ctypes releases the GIL during every foreign call, except a CPU run whose last call took under
 QUICK_SECONDS. Per call only what changes is made: ctypes sizes and strides are kept per shape,
 and a CPU library's output layouts per input shapes, so after the first call at a shape only
-each output's address is read and a contiguous result is copied out with one memmove.
+each output's address is read and a contiguous result is copied out with one memmove. A CPU
+call's OpenMP thread count is chosen per input shapes too (ThreadChoice): one thread where a
+sub-millisecond call was faster on one, else all.
 Anything missing (a symbol, the CUDA runtime, a library needing torch's proxy executor)
 raises LeanUnavailable with the reason; the loader then takes torch's path and says why.
 """
