@@ -314,7 +314,7 @@ class HttpServer:
             log_level=settings.log_level,
             timeout_graceful_shutdown=settings.graceful_seconds,
             access_log=False,
-            http=protocol_with_limit(settings.max_body_bytes, self.arena),
+            http=protocol_with_limit(settings.max_body_bytes, self.arena, self.asgi.answer),
             ws="none",  # no websocket routes: uvicorn would import websockets (~0.1 s at start) for nothing
             proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
         )
