@@ -117,6 +117,14 @@ class InferBodyProtocol(HttpToolsProtocol):
     arena: Arena | None = None  # an intake process's shared arena
     answer: InferAnswer | None = None  # answers inference requests here; None: through the ASGI application
     body: BodyBuffer | None = None
+    retiring = False  # every answer from now on closes the connection (`retire`)
+
+    def retire(self) -> None:
+        """Close this connection after the answer in flight, or after the next one: never an idle connection
+        closed under a client that may be sending on it (an idle one closes at uvicorn's keep-alive timeout)."""
+        self.retiring = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
@@ -136,6 +144,8 @@ class InferBodyProtocol(HttpToolsProtocol):
             self.body = cycle.body
             return
         super().on_headers_complete()
+        if self.retiring and self.cycle is not None:
+            self.cycle.keep_alive = False
         scope = self.scope
         if self.cycle is None or self.cycle.scope is not scope or infer_model(scope["method"], scope["path"]) is None:
             return
@@ -165,7 +175,7 @@ class InferBodyProtocol(HttpToolsProtocol):
         if name is None or (body := self.body_buffer()) is None:
             return None
         header_len = dict(self.headers).get(_HEADER)
-        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive() and not self.retiring
         return Answering(name, body, None if header_len is None else header_len.decode("latin-1"), keep_alive)
 
     def on_body(self, body: bytes) -> None:

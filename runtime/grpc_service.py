@@ -244,10 +244,12 @@ class InferenceService:
 async def start(
     plane: DataPlane, metrics: Metrics, host: str, port: int, max_bytes: int, arena: Arena | None = None
 ) -> GrpcServer:
-    """A gRPC server of the six methods on host:port, started (it shares the port with the other intakes).
-    Messages are bounded as HTTP bodies are (--max-body-bytes): a larger one is RESOURCE_EXHAUSTED. In an
-    intake process request messages are read into `arena`, where the model process reads their tensors."""
+    """A gRPC server of the six methods on host:port, started; port 0: it serves only the connections it
+    adopts (an intake process's, which the model process accepts). Messages are bounded as HTTP bodies are
+    (--max-body-bytes): a larger one is RESOURCE_EXHAUSTED. In an intake process request messages are read
+    into `arena`, where the model process reads their tensors."""
     server = GrpcServer(InferenceService(plane, metrics).methods(), max_bytes, arena)
-    await server.listen(host, port)
-    log.info("gRPC (Open Inference Protocol v2) on %s:%d", host, port)
+    if port:
+        await server.listen(host, port)
+        log.info("gRPC (Open Inference Protocol v2) on %s:%d", host, port)
     return server

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 from urllib.parse import quote
 
 from hpack import Decoder, HPACKError
@@ -179,6 +180,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.arena is not None:
+            self.arena.connection_closed()  # the model process balances new connections by this count
         for stream in self.streams.values():
             stream.done = True
             if stream.body is not None and not stream.ended:  # no call holds it: give its block back
@@ -536,17 +539,26 @@ class Connection(asyncio.Protocol):
 
 
 class GrpcServer:
-    """The listening socket and its connections; `methods` maps a call's path to its handler."""
+    """The listening socket (or connections accepted elsewhere) and its connections; `methods` maps a
+    call's path to its handler."""
 
     def __init__(self, methods: dict[str, Method], limit: int, arena: Arena | None) -> None:
         self.methods, self.limit, self.arena = methods, limit, arena
         self.connections: set[Connection] = set()
         self.server: asyncio.Server | None = None
+        self.adopting: set[asyncio.Task[Any]] = set()  # connections handed over, being set up
 
     async def listen(self, host: str, port: int) -> None:
         """Listen on host:port, sharing the port with the other intake processes (SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: Connection(self), host, port, reuse_port=True)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted (an intake's, from the model process)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: Connection(self), sock))
+        self.adopting.add(task)
+        task.add_done_callback(self.adopting.discard)
 
     async def stop(self, grace: float) -> None:
         """Drain: no new connections or calls, and `grace` seconds for the calls in flight."""

@@ -27,7 +27,7 @@ import numpy as np
 from kiln.runtime import errors, frames
 from kiln.runtime.dataplane import BatchSettings, DataPlane, ModelInfo, T
 from kiln.runtime.errors import KilnError, ModelFailed, NotReady, Overloaded, PayloadTooLarge
-from kiln.runtime.intake_pool import INTAKE_ENV
+from kiln.runtime.intake_pool import GRPC, INTAKE_ENV
 from kiln.runtime.metrics import Metrics
 from kiln.runtime.server import HttpServer, batch_settings
 from kiln.runtime.settings import parse_settings
@@ -94,7 +94,10 @@ class ModelLink:
                 asyncio.get_running_loop().remove_reader(self.handoff.fileno())
                 return
             for fd in fds:
-                http.adopt(socket.socket(fileno=fd))
+                if data[:1] == GRPC and http.grpc is not None:
+                    http.grpc.adopt(socket.socket(fileno=fd))
+                else:
+                    http.adopt(socket.socket(fileno=fd))
 
     def place(self, tensor: np.ndarray, blocks: list[int]) -> Ref:
         """A request tensor in this intake's arena: where it lies (a binary body), or copied into a new block."""
@@ -173,8 +176,8 @@ def main() -> int:
     async def startup(http: HttpServer) -> None:
         await link.start(plane, http)
 
-    http = HttpServer(settings, plane, metrics, startup, arena=link.requests)
-    return http.run(sockets=[])  # no listener: connections come from the model process (ModelLink.adopt)
+    http = HttpServer(settings, plane, metrics, startup, arena=link.requests, listens=False)
+    return http.run()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ the model process allocates its answers in.
 Why the model process accepts: with one listening socket shared by the intakes, whichever intake's
 loop woke first took each connection, and a client's keep-alive connections stayed wherever they
 landed (64 connections split 41/12/11/0 over four intakes; docs/benchmarks.md §10). Each new
-connection now goes to the intake with the fewest open ones. An intake that dies takes its
-connections with it: its clients see a closed connection, its requests still in the model are
-answered into its old arena (never a new intake's), and a replacement starts on a fresh socket pair
-and arenas; connections accepted meanwhile go to the others.
+connection now goes to the intake with the fewest open ones, HTTP and gRPC alike (the message that
+carries it says which). An intake that dies takes its connections with it: its clients see a closed
+connection, its requests still in the model are answered into its old arena (never a new intake's), and
+a replacement starts on a fresh socket pair and arenas; connections accepted meanwhile go to the others.
+
+Until an intake is up (their imports can end after the model is ready on a slow host), HTTP connections
+are served by the model process itself (`standby`: kiln.runtime.server's HttpServer); once one comes up,
+each is closed after its next answer, so their clients reconnect to the intakes. gRPC connections wait in the
+listener's backlog meanwhile: its port listens from the start, so readiness never comes before it does.
 
 Spawning needs only the standard library: kiln-serve starts the intakes once its own C extensions are
 in, before pydantic's models or libtorch load, so they import in parallel with the model's load.
@@ -36,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from kiln.runtime import frames
 
@@ -62,6 +67,18 @@ PINNED_BYTES = 32 << 20
 # the intake's count of connections closed so far, at byte 8.
 CLOSED = struct.Struct("<q")
 CLOSED_AT = 8
+
+
+# The first byte of a handoff message: which protocol the connection it carries speaks.
+HTTP, GRPC = b"h", b"g"
+
+
+class Standby(Protocol):
+    """The model process's own HTTP server (kiln.runtime.server.HttpServer on standby)."""
+
+    def adopt(self, sock: socket.socket) -> None: ...
+
+    def retire_adopted(self) -> None: ...
 
 
 def intake_count(requested: int, cpus: int) -> int:
@@ -115,15 +132,19 @@ def handoff_order(intakes: Iterable[Intake]) -> list[Intake]:
 
 
 class IntakePool:
-    def __init__(self, count: int, shm_bytes: int, argv: list[str], host: str, port: int) -> None:
+    def __init__(self, count: int, shm_bytes: int, argv: list[str], host: str, port: int, grpc_port: int = 0) -> None:
         # In /tmp: a writable emptyDir in kiln's pods, under a read-only root.
         os.environ[METRICS_DIR_ENV] = self.metrics_dir = tempfile.mkdtemp(prefix="kiln-metrics-")
         self.listener = listening_socket(host, port)
+        self.grpc_listener = listening_socket(host, grpc_port) if grpc_port else None
+        self.grpc_accepting = False  # from the first intake up on
         self.shm_bytes, self.argv = shm_bytes, argv
         self.total = count
         self.intakes: dict[int, Intake] = {}
         self.request_arenas: dict[int, Arena] = {}  # of the intakes being served, by index
         self.draining = False
+        # The model process's own HTTP server, for connections that come while no intake is up (None: hold them).
+        self.standby: Standby | None = None
 
     def start(self) -> None:
         """Spawn the intakes. kiln-serve calls it once its own C extensions are in: five interpreters
@@ -145,20 +166,24 @@ class IntakePool:
         take.close()
         return Intake(index, proc, ours, requests, answers, give, mmap.mmap(requests, mmap.PAGESIZE))
 
-    def accept(self) -> None:
-        """Hand each pending connection to the live intake with the fewest open (the listener is ready)."""
+    def accept(self, listener: socket.socket, kind: bytes) -> None:
+        """Hand each pending connection to the live intake with the fewest open (the listener is ready);
+        an HTTP one is served here instead while no intake is up and a standby server is set."""
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of fds, or the listener closed: the next readiness retries
                 log.warning("accepting a connection failed: %s", exc)
                 return
+            if kind == HTTP and self.standby is not None and not any(i.up for i in self.intakes.values()):
+                self.standby.adopt(conn)  # none can take it now (starting, or replacing dead ones): served here
+                continue
             with conn:  # the intake gets its own copy of the descriptor
                 for intake in handoff_order(self.intakes.values()):
                     try:
-                        socket.send_fds(intake.handoff, [b"c"], [conn.fileno()])
+                        socket.send_fds(intake.handoff, [kind], [conn.fileno()])
                     except OSError:  # exited or not reading (its buffer is full): the next one
                         continue
                     intake.handed += 1
@@ -174,7 +199,7 @@ class IntakePool:
     # -- serving (on the model process's event loop) ----------------------------------------
     async def serve(self, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
         """Answer every intake's frames until drained, replacing intakes that die."""
-        asyncio.get_running_loop().add_reader(self.listener.fileno(), self.accept)
+        asyncio.get_running_loop().add_reader(self.listener.fileno(), self.accept, self.listener, HTTP)
         await asyncio.gather(*(self.serve_slot(i, plane, metrics, ready) for i in list(self.intakes)))
 
     async def serve_slot(self, index: int, plane: DataPlane, metrics: Metrics, ready: asyncio.Event) -> None:
@@ -209,6 +234,9 @@ class IntakePool:
                     answers.free(block)
             elif frame["kind"] == "up":
                 intake.up = True
+                self.accept_grpc()
+                if self.standby is not None:  # its clients reconnect, to the intakes
+                    self.standby.retire_adopted()
         writer.close()
         await asyncio.gather(*tasks, return_exceptions=True)  # no copy reads the arena any more
         if not ready.is_set():
@@ -268,6 +296,12 @@ class IntakePool:
             metrics.queue_depth.labels(plane.name).set(plane.batcher.depth)
         writer.send(reply)
 
+    def accept_grpc(self) -> None:
+        """Start handing gRPC connections over (until now they waited in the backlog: no intake was up)."""
+        if self.grpc_listener is not None and not self.grpc_accepting and not self.draining:
+            self.grpc_accepting = True
+            asyncio.get_running_loop().add_reader(self.grpc_listener.fileno(), self.accept, self.grpc_listener, GRPC)
+
     def forget(self, intake: Intake) -> None:
         """A dead intake's fds go; its arenas' mappings go with the last array viewing them."""
         self.request_arenas.pop(intake.index, None)  # its count of arriving bodies died with it
@@ -293,9 +327,11 @@ class IntakePool:
             except subprocess.TimeoutExpired:
                 log.warning("intake %d did not exit in %.0f s; killing it", intake.index, timeout)
                 intake.proc.kill()
-        with contextlib.suppress(RuntimeError):  # not serving: no reader to remove
-            asyncio.get_running_loop().remove_reader(self.listener.fileno())
-        self.listener.close()
+        for listener in (self.listener, self.grpc_listener):
+            if listener is not None:
+                with contextlib.suppress(RuntimeError):  # not serving: no reader to remove
+                    asyncio.get_running_loop().remove_reader(listener.fileno())
+                listener.close()
 
     def close(self) -> None:
         shutil.rmtree(self.metrics_dir, ignore_errors=True)

@@ -79,7 +79,7 @@ def intakes(settings: ServeSettings, args: list[str]) -> Iterator[IntakePool | N
     if not count:
         yield None
         return
-    pool = IntakePool(count, settings.shm_bytes, args, settings.host, settings.port)
+    pool = IntakePool(count, settings.shm_bytes, args, settings.host, settings.port, settings.grpc_port)
     try:
         yield pool
     finally:

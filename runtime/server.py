@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from kiln.runtime.bodies import BODY_EXTENSION, BodyBuffer, infer_model, protocol_with_limit
+from kiln.runtime.bodies import BODY_EXTENSION, BodyBuffer, InferBodyProtocol, infer_model, protocol_with_limit
 from kiln.runtime.dataplane import BatchSettings, DataPlane
 from kiln.runtime.errors import InvalidInput, KilnError, PayloadTooLarge
 from kiln.runtime.inference import InferAnswer, check_size, error_parts
@@ -241,8 +241,10 @@ class HttpServer:
         metrics: Metrics,
         startup: Callable[[HttpServer], Coroutine[Any, Any, None]],
         arena: Arena | None = None,
+        listens: bool = True,
     ) -> None:
         self.settings, self.plane, self.metrics, self.arena = settings, plane, metrics, arena
+        self.listens = listens  # False: connections come from elsewhere (`adopt`; the model process accepts)
         self.failure: str | None = None
         self.server: uvicorn.Server | None = None
         self.adopting: set[asyncio.Task[Any]] = set()  # connections handed over, being set up
@@ -261,8 +263,9 @@ class HttpServer:
 
             try:
                 settings = self.settings
+                port = settings.grpc_port if self.listens else 0
                 self.grpc = await grpc_service.start(
-                    self.plane, self.metrics, settings.host, settings.grpc_port, settings.max_body_bytes, self.arena
+                    self.plane, self.metrics, settings.host, port, settings.max_body_bytes, self.arena
                 )
             except OSError as exc:
                 self.failure = f"GrpcPortUnavailable: {exc}"
@@ -286,14 +289,16 @@ class HttpServer:
         await self.asgi.application()
 
     def adopt(self, sock: socket.socket) -> None:
-        """Serve a connection another process accepted, as uvicorn serves those it accepts itself."""
+        """Serve a connection accepted elsewhere, as uvicorn serves those it accepts itself."""
         server = self.server
-        assert server is not None  # called from the lifespan's start on: uvicorn's config and state exist
+        assert server is not None  # from the lifespan's start on, or `standby()`: uvicorn's config and state exist
         config = server.config
+        lifespan = getattr(server, "lifespan", None)  # made by uvicorn's serve; a server on standby has none
+        app_state = lifespan.state if lifespan is not None else {}
 
         def protocol() -> asyncio.Protocol:
             return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=server.server_state, app_state=server.lifespan.state
+                config=config, server_state=server.server_state, app_state=app_state
             )
 
         loop = asyncio.get_running_loop()
@@ -305,9 +310,37 @@ class HttpServer:
         if self.server is not None:
             self.server.should_exit = True
 
-    def run(self, sockets: list[socket.socket] | None = None) -> int:
+    def standby(self) -> None:
+        """Able to `adopt` connections without uvicorn's own loop, listener or lifespan: the model process
+        serves the connections that come while no intake process is up yet (kiln.runtime.intake_pool)."""
+        config = self.config()
+        config.load()
+        self.server = DrainingServer(config, self.plane, self.settings.drain_seconds)
+
+    def retire_adopted(self) -> None:
+        """Close each connection adopted so far after its next answer (kiln.runtime.bodies: `retire`)."""
+        if self.server is not None:
+            for connection in list(self.server.server_state.connections):
+                if isinstance(connection, InferBodyProtocol):
+                    connection.retire()
+
+    def close_adopted(self) -> None:
+        """Close the connections adopted so far: idle ones now, busy ones once answered (uvicorn's shutdown)."""
+        if self.server is not None:
+            for connection in list(self.server.server_state.connections):
+                connection.shutdown()
+
+    async def drain_adopted(self, drain: float, grace: float) -> None:
+        """A standby's SIGTERM (readiness is off by now): serve `drain` seconds more, then close its
+        connections, giving the requests in flight `grace` seconds."""
+        await asyncio.sleep(drain)
+        self.close_adopted()
+        if self.server is not None and (tasks := set(self.server.server_state.tasks)):
+            await asyncio.wait(tasks, timeout=grace)
+
+    def config(self) -> uvicorn.Config:
         settings = self.settings
-        config = uvicorn.Config(
+        return uvicorn.Config(
             self.asgi,
             host=settings.host,
             port=settings.port,
@@ -318,8 +351,10 @@ class HttpServer:
             ws="none",  # no websocket routes: uvicorn would import websockets (~0.1 s at start) for nothing
             proxy_headers=False,  # nothing here reads client addresses; saves a middleware per request
         )
-        self.server = DrainingServer(config, self.plane, settings.drain_seconds)
-        self.server.run(sockets=sockets)
+
+    def run(self) -> int:
+        self.server = DrainingServer(self.config(), self.plane, self.settings.drain_seconds)
+        self.server.run(sockets=None if self.listens else [])  # [] : no listener of its own
         if self.failure:
             print(self.failure, file=sys.stderr)
             return 1
@@ -333,6 +368,10 @@ async def load_in_process(http: HttpServer) -> None:
         http.stop()
         return
     await http.build_api_later()
+
+
+async def standing_by(http: HttpServer) -> None:
+    """A standby server's lifespan start: never run (it has no lifespan); the model process loads the model."""
 
 
 def new_plane(settings: ServeSettings) -> DataPlane:
@@ -352,6 +391,11 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ready = asyncio.Event()
+    # Until an intake is up, HTTP connections are served here: the intakes import as much as this process
+    # does, and on slow hosts they came up after the model (docs/benchmarks.md §18).
+    local = HttpServer(settings, plane, metrics, standing_by, listens=False)
+    local.standby()
+    pool.standby = local
     serving = asyncio.create_task(pool.serve(plane, metrics, ready))
     loading = asyncio.create_task(load_plane(plane, settings))
     await asyncio.wait({loading, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -360,7 +404,11 @@ async def serve_model_process(settings: ServeSettings, pool: IntakePool) -> int:
         ready.set()
         await asyncio.wait({serving, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping: draining %d intake processes", pool.total)
-    await pool.drain(settings.drain_seconds + settings.graceful_seconds + 5 if not failure else 5)
+    plane.draining = True  # the connections served here report not-ready through the drain too
+    grace = settings.drain_seconds + settings.graceful_seconds + 5 if not failure else 5
+    draining = local.drain_adopted(settings.drain_seconds if not failure else 0, settings.graceful_seconds)
+    await asyncio.gather(pool.drain(grace), draining)
+    pool.standby = None
     if plane.batcher is not None:
         await plane.batcher.stop()
     if failure:

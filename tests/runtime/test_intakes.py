@@ -4,18 +4,23 @@ to the one model process; an intake killed under load is replaced and no client 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import torch
 
 from examples import models
+from kiln.devcluster.cluster import free_port
+from kiln.runtime import oip_v2_pb2 as pb
 from tests.support.serving import Artifact, Server, infer_json, json_body, outputs_of
 
 
@@ -161,6 +166,88 @@ def test_a_killed_intake_is_replaced_and_no_client_gets_another_requests_rows(  
     got = outputs_of(infer_json(server, "mlp", inputs, ["x", "y"]))
     torch.testing.assert_close(got[0], models.eager("mlp", *inputs)[0], atol=1e-4, rtol=1e-3)
     assert "exited with -9; starting another" in server.log.read_text()
+
+
+@contextlib.contextmanager
+def intakes_stopped(server: Server) -> Iterator[list[int]]:
+    """Both intake processes stopped mid-import (as on a host where they come up after the model)."""
+    wait_for(lambda: len(children(server.proc.pid)) == 2, timeout=30)
+    intakes = children(server.proc.pid)
+    for pid in intakes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert "Started server process" not in server.log.read_text()  # stopped before either was up
+        yield intakes
+    finally:
+        for pid in intakes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_while_no_intake_is_up_the_model_process_answers_and_grpc_waits(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    """Intakes import as much as the model process does; on slow hosts they came up after the model was
+    ready and its first answer waited for them (docs/benchmarks.md §18). Here they are stopped mid-import:
+    HTTP is answered by the model process, and a gRPC call waits for an intake, never refused."""
+    grpc_port = free_port()
+    server = serve(
+        f"--artifact={compiled['mlp'].folder}",
+        "--model-name=mlp",
+        "--intake-processes=2",
+        f"--grpc-port={grpc_port}",
+        wait_ready=False,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    inputs = models.examples("mlp", 3, seed=11)
+    with intakes_stopped(server) as intakes:
+        wait_for(lambda: server.client.get("/v2/health/ready").status_code == 200)
+        got = outputs_of(infer_json(server, "mlp", inputs, ["x", "y"]))
+        for g, want in zip(got, models.eager("mlp", *inputs), strict=True):
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-3)
+        assert established(server.proc.pid, port) >= 1  # the model process holds the client's connection
+        waiting = socket.create_connection(("127.0.0.1", grpc_port), timeout=5)  # the gRPC port listens
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch, cf.ThreadPoolExecutor(1) as pool:
+            stub = ch.unary_unary(
+                "/inference.GRPCInferenceService/ServerReady",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ServerReadyResponse.FromString,
+            )
+            call = pool.submit(stub, pb.ServerReadyRequest(), timeout=60)
+            time.sleep(1)
+            assert not call.done()  # held in the backlog while no intake is up
+            for pid in intakes:
+                os.kill(pid, signal.SIGCONT)
+            assert call.result().ready  # answered by an intake once one is up
+        waiting.close()
+    wait_for(lambda: server.log.read_text().count("Started server process") == 2)
+    time.sleep(0.5)  # their `up` frames reach the model process
+    with httpx.Client(base_url=server.url, timeout=30) as fresh:  # a new connection goes to an intake now
+        assert fresh.post("/v2/models/mlp/infer", json=json_body(inputs, ["x", "y"])).status_code == 200
+        assert sum(established(pid, port) for pid in intakes) >= 1
+    # the connection the model process served was closed after its next answer: the client reconnects
+    assert server.client.post("/v2/models/mlp/infer", json=json_body(inputs, ["x", "y"])).status_code == 200
+    wait_for(lambda: established(server.proc.pid, port) == 0, timeout=10)
+
+
+def test_sigterm_while_no_intake_is_up_drains_the_model_processs_own_connections(  # type: ignore[no-untyped-def]
+    compiled: dict[str, Artifact], serve
+) -> None:
+    server = serve(
+        f"--artifact={compiled['mlp'].folder}",
+        "--model-name=mlp",
+        "--intake-processes=2",
+        "--drain-seconds=2",
+        wait_ready=False,
+    )
+    with intakes_stopped(server):
+        wait_for(lambda: server.client.get("/v2/health/ready").status_code == 200)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.client.get("/v2/health/ready").status_code == 503  # draining: not ready, still answering
+        inputs = models.examples("mlp", 1, seed=3)
+        assert infer_json(server, "mlp", inputs, ["x", "y"]).status_code == 200
+    assert server.proc.wait(timeout=60) == 0
 
 
 def test_sigterm_drains_every_intake_then_exits(compiled: dict[str, Artifact], serve) -> None:  # type: ignore[no-untyped-def]
