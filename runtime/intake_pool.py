@@ -63,6 +63,9 @@ MAX_AUTO, MIN_CPUS = 4, 4
 # On a GPU the first bytes of each request arena are page-locked, so inputs go up by DMA without a
 # staging copy (first-fit allocation keeps most requests there); the rest stays pageable.
 PINNED_BYTES = 32 << 20
+# Page-locking holds the driver while a replica's first copies wait: ResNet-50's first answer came 0.11-0.15 s
+# after ready when the arenas were locked at ready, 0.05-0.07 s with this delay (H200, docs/benchmarks.md §19).
+PIN_AFTER_S = 1.0
 # kiln.runtime.shm's arena header, as the model process reads it before numpy is imported:
 # the intake's count of connections closed so far, at byte 8.
 CLOSED = struct.Struct("<q")
@@ -250,8 +253,8 @@ class IntakePool:
     async def announce(
         intake: Intake, requests: Arena, writer: frames.FrameWriter, plane: DataPlane, ready: asyncio.Event
     ) -> bool:
-        """Once the model is ready: tell the intake, then page-lock the first PINNED_BYTES of its request
-        arena in a thread while requests flow (copies from it are staged by the driver until then, DMA
+        """Once the model is ready: tell the intake, then (PIN_AFTER_S later) page-lock the first PINNED_BYTES
+        of its request arena in a thread while requests flow (copies from it are staged by the driver until then, DMA
         after; 32 MB take the driver ~20 ms). True: page-locked."""
         await ready.wait()
         assert plane.info is not None
@@ -259,6 +262,7 @@ class IntakePool:
         pipeline = plane.model.pipeline if plane.model is not None else None
         if pipeline is None:
             return False
+        await asyncio.sleep(PIN_AFTER_S)
         pinned = await asyncio.to_thread(pipeline.pin, requests.base, min(requests.size, PINNED_BYTES))
         log.info("intake %d: %s", intake.index, "request arena page-locked" if pinned else "page-locking refused")
         return pinned
