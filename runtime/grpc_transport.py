@@ -549,7 +549,7 @@ class GrpcServer:
         self.adopting: set[asyncio.Task[Any]] = set()  # connections handed over, being set up
 
     async def listen(self, host: str, port: int) -> None:
-        """Listen on host:port, sharing the port with the other intake processes (SO_REUSEPORT)."""
+        """Listen on host:port: a kiln-serve without intake processes (with them, the model process listens)."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: Connection(self), host, port, reuse_port=True)
 

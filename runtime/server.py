@@ -8,7 +8,8 @@ lean path kiln-serve's preload thread has usually opened it already.
 
 Two shapes: without intake processes one process serves HTTP and runs the model (`HttpServer` with
 `load_in_process`); with them (kiln.runtime.intake_pool) this process only loads the model and answers
-the intakes' frames (`serve_model_process`), and each intake runs an `HttpServer` of its own.
+the intakes' frames (`serve_model_process`), and each intake runs an `HttpServer` of its own; until one
+is up, the model process serves the HTTP connections that come itself, with an `HttpServer` on standby.
 """
 
 from __future__ import annotations
