@@ -11,8 +11,8 @@ tensors are read where they lie, and its checked plan is kept by the rest of its
 error becomes the gRPC status that means the same (a bad shape is INVALID_ARGUMENT naming the
 expected one, a full queue UNAVAILABLE), counted in the same metrics with the status name as its
 label. HTTP/2 is Kiln's own (kiln.runtime.grpc_transport, on the process's event loop, no grpcio), and
-every intake process serves the port (it listens with SO_REUSEPORT, so the kernel spreads connections
-over them).
+with intake processes the model process listens on the port and hands each connection to the intake
+with the fewest open, as it does HTTP ones (kiln.runtime.intake_pool).
 """
 
 from __future__ import annotations
